@@ -1,0 +1,73 @@
+"""Parsing of MAIL FROM / RCPT TO paths and their ESMTP parameters.
+
+RFC 5321 section 4.1.2 gives the grammar: a path in angle brackets, with an
+optional source route (tolerated and dropped, section 4.1.1.3 and appendix
+C), a local part that is a dot-atom or a quoted string, and a domain or an
+address literal.  Non-ASCII characters are allowed by the grammar here
+(RFC 6531); the session refuses them unless SMTPUTF8 was given.
+"""
+
+import re
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]"
+_DOT_ATOM = r"%s+(?:\.%s+)*" % (_ATEXT, _ATEXT)
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?"
+_DOMAIN = r"%s(?:\.%s)*\.?" % (_LABEL, _LABEL)
+_LITERAL = r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+|[A-Za-z0-9\-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+)\]"
+_ROUTE = r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN)
+
+PATH = re.compile(r"<(?:%s)?((%s|%s)@(%s|%s)|(?i:postmaster)|)>(?= |$)" % (
+    _ROUTE, _DOT_ATOM, _QUOTED, _DOMAIN, _LITERAL))
+PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+))?")
+
+# RFC 5321 section 4.5.3.1: size limits of the parts of a path.
+LOCAL_PART_LIMIT = 64
+DOMAIN_LIMIT = 255
+PATH_LIMIT = 256
+
+
+class AddressError(ValueError):
+    """A path or parameter that does not follow the RFC 5321 grammar."""
+
+
+def parse_path(text):
+    """Split '<path> PARAM=VALUE ...' into (address, {PARAM: value or True}).
+
+    The address comes back without brackets or source route: "" for the
+    null path <>, "postmaster" for <postmaster>.
+    """
+    text = text.lstrip(" ")
+    match = PATH.match(text)
+    if not match:
+        raise AddressError("path")
+    address = match.group(1)
+    local, domain = match.group(2), match.group(3)
+    if (len(address) > PATH_LIMIT
+            or local and len(local.encode()) > LOCAL_PART_LIMIT
+            or domain and len(domain.encode()) > DOMAIN_LIMIT):
+        raise AddressError("path")
+    if domain and domain.endswith("."):
+        address = address[:-1]
+    return address, parse_params(text[match.end():])
+
+
+def parse_params(text):
+    """'SIZE=10 BODY=8BITMIME' -> {'SIZE': '10', 'BODY': '8BITMIME'}."""
+    params = {}
+    for word in text.split(" "):
+        if not word:
+            continue
+        match = PARAM.fullmatch(word)
+        if not match:
+            raise AddressError("parameter")
+        key = match.group(1).upper()
+        if key in params:
+            raise AddressError("parameter")
+        params[key] = match.group(2) if match.group(2) is not None else True
+    return params
+
+
+def domain_of(address):
+    """The lower-cased domain of an address; "" for <> and <postmaster>."""
+    return address.rpartition("@")[2].lower() if "@" in address else ""

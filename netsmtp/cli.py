@@ -1,0 +1,124 @@
+"""Command-line front ends: parse options, set up logging, run, return an exit code."""
+
+import argparse
+import logging
+import os
+import stat
+import sys
+
+from . import __version__
+from .options import SPEC, OptionError, Options, load_toml, parse_bool
+
+EX_USAGE = 2
+EX_TEMPFAIL = 75
+
+log = logging.getLogger("netsmtp")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message):
+        self.exit(EX_USAGE, "%s: error: %s\n" % (self.prog, message))
+
+
+def add_options(parser, names):
+    """Add a flag for each named option of SPEC, and --config."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file whose keys are these options' names")
+    for name in names:
+        opt = SPEC[name]
+        if opt.parse is parse_bool:
+            parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction,
+                                default=None, help=opt.help)
+        else:
+            default = "" if opt.default is None else " (default: %s)" % (opt.default,)
+            parser.add_argument(opt.flag, metavar=name.split("_")[-1].upper(),
+                                default=None, help=opt.help + default)
+
+
+def options_from(parser, args):
+    """Options from the config file, overridden by the flags given."""
+    try:
+        values = load_toml(args.config) if args.config else {}
+        values.update((name, getattr(args, name)) for name in SPEC
+                      if getattr(args, name, None) is not None)
+        return Options(**values)
+    except OptionError as exc:
+        parser.error(str(exc))
+
+
+def same_file(fd_a, fd_b):
+    try:
+        a, b = os.fstat(fd_a), os.fstat(fd_b)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def setup_logging(options, protocol_on_stdio=False):
+    """Log to stderr, or to syslog when asked or when stderr is the client.
+
+    inetd hands the connection over as fds 0, 1 and 2; a log line on stderr
+    would then reach the client, so it goes to syslog instead.
+    """
+    root = logging.getLogger("netsmtp")
+    root.setLevel(options.log_level)
+    use_syslog = options.syslog or (protocol_on_stdio and (
+        same_file(0, 2) or same_file(1, 2)))
+    handler = None
+    if use_syslog:
+        from logging.handlers import SysLogHandler
+        try:
+            handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_MAIL)
+            handler.setFormatter(logging.Formatter("netsmtp[%(process)d]: %(message)s"))
+        except OSError:
+            handler = None if protocol_on_stdio else logging.StreamHandler()
+    elif not (protocol_on_stdio and stat.S_ISSOCK(os.fstat(2).st_mode) and same_file(0, 2)):
+        handler = logging.StreamHandler()
+    if handler is None:
+        handler = logging.NullHandler()
+    if isinstance(handler, logging.StreamHandler):
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s netsmtp[%(process)d] %(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
+    root.propagate = False
+
+
+def main(argv=None):
+    """netsmtp: the SMTP server (forking daemon, or one session on stdin)."""
+    parser = Parser(prog="netsmtp", description="A small, durable SMTP server.")
+    add_options(parser, SPEC)
+    parser.add_argument("--version", action="version", version="netsmtp " + __version__)
+    args = parser.parse_args(argv)
+    options = options_from(parser, args)
+    setup_logging(options, protocol_on_stdio=options.stdin)
+
+    from .spool import Spool
+    spool = Spool(options.spool)
+    try:
+        spool.prepare()
+    except OSError as exc:
+        message = "cannot use spool %s: %s" % (options.spool, exc.strerror or exc)
+        log.error(message)
+        if not options.stdin:
+            print("netsmtp: error: " + message, file=sys.stderr)
+        return 1
+
+    if options.stdin:
+        from .inetd import serve_stdin
+        serve_stdin(options, spool)
+        return 0
+
+    from .server import ForkingServer
+    try:
+        server = ForkingServer(options, spool)
+    except OSError as exc:
+        print("netsmtp: error: cannot listen on %s:%d: %s" % (
+            *options.listen, exc.strerror or exc), file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    log.info("listening on %s:%d spool=%s hostname=%s", host, port,
+             options.spool, options.hostname)
+    server.serve()
+    return 0

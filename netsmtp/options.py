@@ -1,0 +1,161 @@
+"""Every setting in one table: a constructor keyword, a flag and a TOML key.
+
+SPEC lists each option once with its default, its parser and its help; the
+command line (--max-size), the config file (max_size = ...) and Python
+(Options(max_size=...)) are all built from it, so they cannot drift apart.
+Parsers take the text of a flag or the native value of a TOML key or keyword.
+"""
+
+import socket
+
+
+class OptionError(ValueError):
+    """An option value that cannot be used; the message names the option."""
+
+
+def parse_bool(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "yes", "true", "on"):
+        return True
+    if text in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected yes or no, got %r" % value)
+
+
+def parse_int(value):
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number, got %r" % value)
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected a number >= 0, got %r" % value)
+    return number
+
+
+def parse_seconds(value):
+    number = float(value)
+    if not number > 0:
+        raise ValueError("expected seconds > 0, got %r" % value)
+    return number
+
+
+def parse_list(value):
+    """A comma-separated string or a list: ["a", "b"]; "none" is empty."""
+    if isinstance(value, (list, tuple)):
+        items = [str(v).strip() for v in value]
+    else:
+        items = [] if str(value).strip().lower() == "none" else str(value).split(",")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def parse_domains(value):
+    return tuple(d.lower().rstrip(".") for d in parse_list(value))
+
+
+def parse_networks(value):
+    import ipaddress
+    return tuple(ipaddress.ip_network(item, strict=False) for item in parse_list(value))
+
+
+def parse_hostport(value):
+    """"HOST:PORT", "[v6]:PORT" or ":PORT" -> (host, port)."""
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT, got %r" % value)
+    return host.strip("[]"), int(port)
+
+
+def parse_str(value):
+    return str(value)
+
+
+def parse_log_level(value):
+    level = str(value).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected debug, info, warning or error, got %r" % value)
+    return level
+
+
+class Option:
+    """One setting: its name, default, parser and one line of help."""
+
+    __slots__ = ("name", "default", "parse", "help")
+
+    def __init__(self, name, default, parse, help):
+        self.name, self.default, self.parse, self.help = name, default, parse, help
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+
+SPEC = {opt.name: opt for opt in (
+    Option("listen", "127.0.0.1:2525", parse_hostport,
+           "address of the forking server, HOST:PORT"),
+    Option("stdin", False, parse_bool,
+           "serve one session on stdin/stdout (inetd, xinetd, systemd Accept=yes)"),
+    Option("spool", "spool", parse_str, "spool directory"),
+    Option("hostname", None, parse_str,
+           "name in the greeting and Received headers (default: the FQDN)"),
+    Option("local_domains", None, parse_domains,
+           "comma-separated domains accepted from anyone (default: the hostname)"),
+    Option("relay_networks", "127.0.0.0/8,::1", parse_networks,
+           "comma-separated networks that may relay to any domain, or none"),
+    Option("max_size", 20_000_000, parse_int, "largest message accepted, in octets"),
+    Option("max_recipients", 100, parse_int, "most recipients per message"),
+    Option("timeout", 300.0, parse_seconds,
+           "idle seconds before a session is closed (RFC 5321 section 4.5.3.2)"),
+    Option("max_sessions", 100, parse_int, "most concurrent sessions of the server"),
+    Option("backlog", 128, parse_int, "listen backlog of the server socket"),
+    Option("log_level", "info", parse_log_level, "debug, info, warning or error"),
+    Option("syslog", False, parse_bool, "log to syslog instead of stderr"),
+)}
+
+
+class Options:
+    """The settings of a server or session, validated once.
+
+    Options(max_size=1000) takes any key of SPEC; a value may be text (as
+    from the command line) or the native type.  Unknown keys and bad values
+    raise OptionError naming the option.
+    """
+
+    def __init__(self, **values):
+        unknown = sorted(set(values) - set(SPEC))
+        if unknown:
+            raise OptionError("unknown option %r" % unknown[0])
+        for opt in SPEC.values():
+            value = values.get(opt.name, opt.default)
+            if value is not None:
+                try:
+                    value = opt.parse(value)
+                except (TypeError, ValueError) as exc:
+                    raise OptionError("%s: %s" % (opt.flag, exc)) from None
+            setattr(self, opt.name, value)
+        self._given = dict(values)
+        if self.hostname is None:
+            self.hostname = socket.getfqdn()
+        if self.local_domains is None:
+            self.local_domains = (self.hostname.lower(),)
+
+    def replace(self, **changes):
+        """A copy with some values changed."""
+        return Options(**{**self._given, **changes})
+
+    def __repr__(self):
+        return "Options(%s)" % ", ".join(
+            "%s=%r" % (name, getattr(self, name)) for name in SPEC)
+
+
+def load_toml(path):
+    """The options of a TOML file as a dict; dashes in keys become underscores."""
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise OptionError("--config: cannot read %s: %s" % (path, exc.strerror)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise OptionError("--config: %s: %s" % (path, exc)) from None
+    return {key.replace("-", "_"): value for key, value in data.items()}

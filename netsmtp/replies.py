@@ -1,0 +1,107 @@
+"""The reply table: every line netsmtp sends comes from REPLIES.
+
+Keys are the reply code and its RFC 3463 enhanced status code ("250 2.1.0");
+the 220 greeting and the HELO/EHLO reply carry no enhanced code (RFC 2034
+section 3).  Values are printf-style formats.  Arguments are made printable
+before formatting, so nothing a client sends can put CR, LF or other control
+characters on the wire.
+"""
+
+from types import MappingProxyType
+
+REPLIES = MappingProxyType({
+    "211 2.0.0": "%s",
+    "214 2.0.0": "%s",
+    "220": "%s ESMTP netsmtp ready",
+    "221 2.0.0": "%s closing connection",
+    "235 2.7.0": "Authentication successful",
+    "250": "%s greets %s",
+    "250 2.0.0": "OK",
+    "250 2.1.0": "Sender <%s> OK",
+    "250 2.1.5": "Recipient <%s> OK",
+    "250 2.6.0": "Message accepted, queued as %s",
+    "252 2.1.5": "Cannot VRFY <%s>; send mail to it and delivery will be attempted",
+    "334": "%s",
+    "354": "End data with <CR><LF>.<CR><LF>",
+    "220 2.0.0": "Ready to start TLS",
+    "421 4.3.2": "%s shutting down, closing connection",
+    "421 4.4.2": "%s idle for too long, closing connection",
+    "421 4.7.0": "%s %s, closing connection",
+    "450 4.7.1": "%s",
+    "451 4.3.0": "Local error in processing, try again later",
+    "452 4.3.1": "Insufficient system storage, try again later",
+    "452 4.5.3": "Too many recipients",
+    "454 4.7.0": "TLS not available",
+    "500 5.5.0": "Line too long (limit %d octets)",
+    "500 5.5.2": "Command not recognized",
+    "501 5.1.3": "Bad recipient address syntax",
+    "501 5.1.7": "Bad sender address syntax",
+    "501 5.5.2": "Syntax error: %s",
+    "501 5.5.4": "Invalid value for parameter %s",
+    "501 5.7.0": "Authentication cancelled",
+    "502 5.5.1": "%s not implemented",
+    "503 5.5.1": "Bad sequence of commands",
+    "504 5.5.4": "Unrecognized authentication mechanism %s",
+    "530 5.7.0": "Must issue a STARTTLS command first",
+    "530 5.7.1": "Authentication required",
+    "535 5.7.8": "Authentication credentials invalid",
+    "538 5.7.11": "Encryption required for requested authentication mechanism",
+    "550 5.1.1": "Mailbox <%s> unavailable",
+    "550 5.7.1": "Relaying denied for <%s>",
+    "552 5.3.4": "Message too big (limit %d octets)",
+    "553 5.6.7": "Non-ASCII address <%s> requires SMTPUTF8",
+    "554 5.4.6": "Mail loop detected (%d Received headers)",
+    "554 5.6.0": "Message refused: %s",
+    "554 5.7.1": "Access denied: %s",
+    "555 5.5.4": "Unsupported parameter %s",
+})
+
+_CONTROLS = {c: "\\x%02x" % c for c in [*range(0x20), 0x7f]}
+_CONTROLS[ord("\\")] = "\\\\"
+
+
+def printable(value, limit=256):
+    """Return value as text safe for a reply or a log line.
+
+    Control characters become backslash escapes and the text is cut to limit,
+    so a peer can neither inject a line nor flood a log.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    text = str(value).translate(_CONTROLS)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class SMTPError(Exception):
+    """A refusal that carries its reply: the key of REPLIES and its arguments."""
+
+    def __init__(self, key, *args):
+        super().__init__(key, *args)
+        self.key = key
+        self.args_ = args
+
+    @property
+    def code(self):
+        """The three-digit reply code as an int."""
+        return int(self.key[:3])
+
+    def __str__(self):
+        return format_reply(self.key, *self.args_).decode().rstrip()
+
+
+def format_reply(key, *args, lines=(), replies=REPLIES):
+    """Return the wire bytes of one reply, multi-line when lines are given.
+
+    The first line is replies[key] % args; each of lines follows it (EHLO
+    keywords, HELP text).  Every line but the last uses "code-" (RFC 5321
+    section 4.2.1).
+    """
+    code, _, enhanced = key.partition(" ")
+    first = replies[key] % tuple(
+        a if isinstance(a, int) else printable(a) for a in args)
+    texts = [first, *(printable(line) for line in lines)]
+    prefix = code + " " + enhanced + " " if enhanced else code + " "
+    more = code + "-" + enhanced + " " if enhanced else code + "-"
+    out = [more + text for text in texts[:-1]]
+    out.append(prefix + texts[-1])
+    return ("\r\n".join(out) + "\r\n").encode("utf-8")

@@ -1,0 +1,51 @@
+"""Protocol states and the predecessor table that orders SMTP commands.
+
+The session looks a verb up in PREDECESSORS before it runs the verb's
+method; a verb whose set does not hold the current state gets 503 5.5.1 and
+changes nothing.  Verbs therefore never check their own sequence.
+"""
+
+import enum
+
+
+class State(enum.Enum):
+    """Where a session stands between commands."""
+
+    CONNECTED = "connected"  # greeted, no HELO/EHLO yet
+    READY = "ready"          # HELO/EHLO done, no transaction
+    MAIL = "mail"            # MAIL FROM accepted, no recipient yet
+    RCPT = "rcpt"            # at least one RCPT TO accepted
+
+
+ANY = frozenset(State)
+GREETED = frozenset({State.READY, State.MAIL, State.RCPT})
+
+# RFC 5321 section 4.1.4: HELO/EHLO may come at any time and reset the
+# transaction; MAIL needs a greeting and no open transaction; DATA needs a
+# recipient.  STARTTLS and AUTH are only allowed outside a transaction
+# (RFC 3207 section 4, RFC 4954 section 4).
+PREDECESSORS = {
+    "HELO": ANY,
+    "EHLO": ANY,
+    "MAIL": frozenset({State.READY}),
+    "RCPT": frozenset({State.MAIL, State.RCPT}),
+    "DATA": frozenset({State.RCPT}),
+    "RSET": ANY,
+    "NOOP": ANY,
+    "QUIT": ANY,
+    "HELP": ANY,
+    "VRFY": ANY,
+    "EXPN": ANY,
+    "TURN": ANY,
+    "STARTTLS": frozenset({State.READY}),
+    "AUTH": frozenset({State.READY}),
+}
+
+# Verbs RFC 5321 and its extensions define that netsmtp does not offer; they
+# get 502 5.5.1 rather than 500 5.5.2.
+UNIMPLEMENTED = frozenset({"ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML"})
+
+
+def is_allowed(verb, state):
+    """True when verb may follow state."""
+    return state in PREDECESSORS.get(verb, ANY)

@@ -1,0 +1,17 @@
+from setuptools import setup
+
+setup(
+    name="netsmtp",
+    version="0.1.0",
+    description="A small, fast, durable SMTP server: a library and a daemon",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["netsmtp"],
+    python_requires=">=3.11",
+    # 3.20.3 fixes the lock-file symlink races CVE-2025-68146 and CVE-2026-22701.
+    install_requires=["filelock>=3.20.3"],
+    extras_require={"test": ["pytest", "hypothesis", "trustme"]},
+    entry_points={"console_scripts": [
+        "netsmtp = netsmtp.cli:main",
+    ]},
+)
