@@ -1,0 +1,162 @@
+"""Shared fixtures: a socketless conversation, and real servers on port 0."""
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from netsmtp.options import Options
+from netsmtp.session import Session
+from netsmtp.spool import Spool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need_tool(name):
+    """Skip when a peer tool is missing locally; in CI a missing tool fails."""
+    path = shutil.which(name) or next(
+        (p for p in ("/usr/sbin/" + name, "/usr/lib/postfix/sbin/" + name) if os.path.exists(p)), None)
+    if path is None:
+        if IN_CI:
+            pytest.fail("%s is not installed; .ci/run must install it" % name)
+        pytest.skip("%s is not installed (apt-get install it to run this test)" % name)
+    return path
+
+
+def make_options(tmp_path, **overrides):
+    values = dict(spool=str(tmp_path / "spool"), hostname="mx.test",
+                  local_domains="mx.test,example.test")
+    values.update(overrides)
+    return Options(**values)
+
+
+@pytest.fixture
+def options(tmp_path):
+    return make_options(tmp_path)
+
+
+@pytest.fixture
+def spool(options):
+    spool = Spool(options.spool)
+    spool.prepare()
+    return spool
+
+
+def replies_of(data):
+    """Split server output into reply groups: [(code, [lines])]."""
+    groups, current = [], []
+    for line in data.decode("utf-8", "replace").split("\r\n")[:-1]:
+        current.append(line)
+        if len(line) < 4 or line[3] != "-":
+            groups.append((int(line[:3]), current))
+            current = []
+    assert not current, "unterminated multi-line reply: %r" % current
+    return groups
+
+
+class Conversation:
+    """Runs a Session over BytesIO: feed the client's bytes, get the replies."""
+
+    def __init__(self, options, spool, session_class=Session, peer="192.0.2.1"):
+        self.options, self.spool = options, spool
+        self.session_class, self.peer = session_class, peer
+        self.session = None
+
+    def __call__(self, data, peer=None):
+        if isinstance(data, (list, tuple)):
+            data = b"".join(l if l.endswith(b"\n") else l + b"\r\n" for l in data)
+        out = io.BytesIO()
+        self.session = self.session_class(
+            io.BytesIO(data), out, peer=self.peer if peer is None else peer,
+            options=self.options, spool=self.spool)
+        self.session.handle()
+        return replies_of(out.getvalue())
+
+    def codes(self, data, peer=None):
+        return [code for code, _ in self(data, peer)]
+
+
+@pytest.fixture
+def converse(options, spool):
+    """converse([b"EHLO x", ...]) -> [(code, lines)], greeting included."""
+    return Conversation(options, spool)
+
+
+def spooled(spool):
+    """The entries of a spool directory, oldest first."""
+    return sorted(f for f in os.listdir(spool.path) if f.endswith(".msg"))
+
+
+class ServerProcess:
+    """`python -m netsmtp` listening on 127.0.0.1:0, port read from its log."""
+
+    def __init__(self, args, env=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "netsmtp", "--listen", "127.0.0.1:0", *args],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+        self.log = []
+        deadline = time.monotonic() + 20
+        for line in self.proc.stderr:
+            self.log.append(line)
+            found = re.search(r"listening on ([\d.]+):(\d+)", line)
+            if found:
+                self.address = (found.group(1), int(found.group(2)))
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            raise RuntimeError("server did not start: %s" % "".join(self.log))
+        self.port = self.address[1]
+        # Keep draining stderr so a chatty server never blocks on a full pipe.
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def stop(self, timeout=20):
+        """SIGTERM the server and wait; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.reader.join(5)
+        return code
+
+    def output(self):
+        return "".join(self.log)
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    started = []
+
+    def start(*args, spool=None, env=None):
+        spool = spool or str(tmp_path / "spool")
+        args = ["--spool", spool, "--hostname", "mx.test",
+                "--local-domains", "mx.test,example.test", *args]
+        server = ServerProcess(args, env=env)
+        server.spool = spool
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_factory):
+    """A forking netsmtp server on a free port; .port, .spool, .stop()."""
+    return server_factory()
