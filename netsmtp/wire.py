@@ -21,6 +21,7 @@ class DataProblem:
 
     TOO_BIG = "too big"
     BARE_NEWLINE = "bare CR or LF in message (RFC 5321 section 2.3.8)"
+    NUL = "NUL byte in message (RFC 5322 section 2.3)"
     LINE_TOO_LONG = "line over %d octets (RFC 5321 section 4.5.3.1.6)" % TEXT_LINE_LIMIT
 
 
@@ -122,6 +123,8 @@ def _check(chunk):
     crlf = chunk.count(b"\r\n")
     if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
         return DataProblem.BARE_NEWLINE
+    if b"\0" in chunk:
+        return DataProblem.NUL
     if len(chunk) > TEXT_LINE_LIMIT and max(map(len, chunk.split(b"\r\n"))) > TEXT_LINE_LIMIT - 2:
         return DataProblem.LINE_TOO_LONG
     return None
