@@ -9,17 +9,17 @@ address literal.  Non-ASCII characters are allowed by the grammar here
 
 import re
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]"
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\xa0-\U0010ffff]"
 _DOT_ATOM = r"%s+(?:\.%s+)*" % (_ATEXT, _ATEXT)
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"'
-_LABEL = r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\xa0-\U0010ffff]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9\xa0-\U0010ffff](?:[A-Za-z0-9\-\xa0-\U0010ffff]*[A-Za-z0-9\xa0-\U0010ffff])?"
 _DOMAIN = r"%s(?:\.%s)*\.?" % (_LABEL, _LABEL)
 _LITERAL = r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+|[A-Za-z0-9\-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+)\]"
 _ROUTE = r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN)
 
 PATH = re.compile(r"<(?:%s)?((%s|%s)@(%s|%s)|(?i:postmaster)|)>(?= |$)" % (
     _ROUTE, _DOT_ATOM, _QUOTED, _DOMAIN, _LITERAL))
-PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+))?")
+PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e\xa0-\U0010ffff]+))?")
 
 # RFC 5321 section 4.5.3.1: size limits of the parts of a path.
 LOCAL_PART_LIMIT = 64

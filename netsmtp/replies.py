@@ -56,7 +56,7 @@ REPLIES = MappingProxyType({
     "555 5.5.4": "Unsupported parameter %s",
 })
 
-_CONTROLS = {c: "\\x%02x" % c for c in [*range(0x20), 0x7f]}
+_CONTROLS = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7f, 0xa0)]}
 _CONTROLS[ord("\\")] = "\\\\"
 
 
