@@ -3,7 +3,6 @@
 import argparse
 import logging
 import os
-import stat
 import sys
 
 from . import __version__
@@ -56,31 +55,38 @@ def same_file(fd_a, fd_b):
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def syslog_handler():
+    """A handler for the local syslog (facility mail), or None without one."""
+    if not os.path.exists("/dev/log"):
+        return None
+    from logging.handlers import SysLogHandler
+    handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_MAIL)
+    handler.setFormatter(logging.Formatter("netsmtp[%(process)d]: %(message)s"))
+    return handler
+
+
 def setup_logging(options, protocol_on_stdio=False):
     """Log to stderr, or to syslog when asked or when stderr is the client.
 
-    inetd hands the connection over as fds 0, 1 and 2; a log line on stderr
-    would then reach the client, so it goes to syslog instead.
+    inetd and xinetd hand the connection over as fds 0, 1 and 2; a log line
+    on stderr would then reach the client, so it goes to syslog (or nowhere)
+    and logging may not print its own errors either.
     """
+    stderr_is_client = protocol_on_stdio and (same_file(0, 2) or same_file(1, 2))
+    if stderr_is_client:
+        logging.raiseExceptions = False
+    handler = None
+    if options.syslog or stderr_is_client:
+        handler = syslog_handler()
+    if handler is None:
+        if stderr_is_client:
+            handler = logging.NullHandler()
+        else:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s netsmtp[%(process)d] %(levelname)s %(message)s"))
     root = logging.getLogger("netsmtp")
     root.setLevel(options.log_level)
-    use_syslog = options.syslog or (protocol_on_stdio and (
-        same_file(0, 2) or same_file(1, 2)))
-    handler = None
-    if use_syslog:
-        from logging.handlers import SysLogHandler
-        try:
-            handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_MAIL)
-            handler.setFormatter(logging.Formatter("netsmtp[%(process)d]: %(message)s"))
-        except OSError:
-            handler = None if protocol_on_stdio else logging.StreamHandler()
-    elif not (protocol_on_stdio and stat.S_ISSOCK(os.fstat(2).st_mode) and same_file(0, 2)):
-        handler = logging.StreamHandler()
-    if handler is None:
-        handler = logging.NullHandler()
-    if isinstance(handler, logging.StreamHandler):
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s netsmtp[%(process)d] %(levelname)s %(message)s"))
     root.handlers[:] = [handler]
     root.propagate = False
 
@@ -101,7 +107,11 @@ def main(argv=None):
     except OSError as exc:
         message = "cannot use spool %s: %s" % (options.spool, exc.strerror or exc)
         log.error(message)
-        if not options.stdin:
+        if options.stdin:
+            from .replies import format_reply
+            sys.stdout.buffer.write(format_reply("421 4.3.0", options.hostname))
+            sys.stdout.buffer.flush()
+        else:
             print("netsmtp: error: " + message, file=sys.stderr)
         return 1
 
@@ -110,15 +120,18 @@ def main(argv=None):
         serve_stdin(options, spool)
         return 0
 
-    from .server import ForkingServer
+    if options.workers:
+        from .prefork import PreforkServer as Server
+    else:
+        from .server import ForkingServer as Server
     try:
-        server = ForkingServer(options, spool)
+        server = Server(options, spool)
     except OSError as exc:
         print("netsmtp: error: cannot listen on %s:%d: %s" % (
             *options.listen, exc.strerror or exc), file=sys.stderr)
         return 1
     host, port = server.server_address[:2]
-    log.info("listening on %s:%d spool=%s hostname=%s", host, port,
-             options.spool, options.hostname)
+    log.info("listening on %s:%d spool=%s hostname=%s workers=%s", host, port,
+             options.spool, options.hostname, options.workers or "fork")
     server.serve()
     return 0

@@ -24,6 +24,7 @@ REPLIES = MappingProxyType({
     "334": "%s",
     "354": "End data with <CR><LF>.<CR><LF>",
     "220 2.0.0": "Ready to start TLS",
+    "421 4.3.0": "%s service not available, try again later",
     "421 4.3.2": "%s shutting down, closing connection",
     "421 4.4.2": "%s idle for too long, closing connection",
     "421 4.7.0": "%s %s, closing connection",

@@ -1,0 +1,186 @@
+"""The stdin mode: through a pipe, over a socket on fd 0, and under xinetd."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import IN_CI, ROOT, need_tool, replies_of, spooled
+from netsmtp.envelope import Envelope
+from netsmtp.spool import Spool
+
+SESSION = (b"EHLO pipe.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<u@mx.test>\r\nDATA\r\n"
+           b"Subject: piped\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+
+
+def stdin_mode(spool, data, env=None, args=()):
+    """Run `python -m netsmtp --stdin` on a pipe; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "netsmtp", "--stdin", "--spool", spool, "--hostname", "mx.test",
+         "--local-domains", "mx.test", *args],
+        input=data, capture_output=True, cwd=ROOT, timeout=30,
+        env={**os.environ, **(env or {})})
+
+
+def only_entry(path):
+    [name] = spooled(Spool(path))
+    with open(os.path.join(path, name), "rb") as f:
+        return Envelope.from_json(f.readline()), f.read()
+
+
+def test_piped_session(tmp_path):
+    """A piped session queues the message; stdout holds replies only, logs go to stderr."""
+    spool = str(tmp_path / "spool")
+    result = stdin_mode(spool, SESSION)
+    assert result.returncode == 0
+    assert [code for code, _ in replies_of(result.stdout)] == [220, 250, 250, 250, 354, 250, 221]
+    assert b"queued id=" in result.stderr
+    envelope, message = only_entry(spool)
+    assert envelope.client is None and b"(local)" in message
+
+
+def test_superserver_environment_names_the_client(tmp_path):
+    """On a pipe, TCPREMOTEIP (tcpserver) names the client; it is then not trusted to relay."""
+    spool = str(tmp_path / "spool")
+    data = SESSION.replace(b"RCPT TO:<u@mx.test>", b"RCPT TO:<u@mx.test>\r\nRCPT TO:<x@far.test>")
+    result = stdin_mode(spool, data, env={"TCPREMOTEIP": "192.0.2.9"})
+    codes = [code for code, _ in replies_of(result.stdout)]
+    assert codes == [220, 250, 250, 250, 550, 354, 250, 221]
+    envelope, message = only_entry(spool)
+    assert envelope.client == "192.0.2.9" and b"([192.0.2.9])" in message
+
+
+def test_remote_host_from_xinetd_environment(tmp_path):
+    """REMOTE_HOST (xinetd) is the fallback when TCPREMOTEIP is absent."""
+    spool = str(tmp_path / "spool")
+    stdin_mode(spool, SESSION, env={"REMOTE_HOST": "198.51.100.4"})
+    assert only_entry(spool)[0].client == "198.51.100.4"
+
+
+def test_socket_on_fd0_gives_the_peer_address(tmp_path):
+    """When fd 0 is a TCP socket (inetd, systemd Accept=yes) its peer is the client."""
+    spool = str(tmp_path / "spool")
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netsmtp", "--stdin", "--spool", spool, "--hostname", "mx.test"],
+        stdin=accepted, stdout=accepted, stderr=subprocess.PIPE, cwd=ROOT)
+    accepted.close()
+    client.sendall(SESSION)
+    data = b""
+    while not data.endswith(b"221 2.0.0 mx.test closing connection\r\n"):
+        chunk = client.recv(65536)
+        assert chunk, data
+        data += chunk
+    assert proc.wait(20) == 0
+    client.close()
+    listener.close()
+    assert only_entry(spool)[0].client == "127.0.0.1"
+
+
+def test_idle_timeout_on_a_pipe(tmp_path):
+    """A pipe has no socket timeout; the stdin mode still closes an idle session with 421."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netsmtp", "--stdin", "--spool", str(tmp_path / "s"),
+         "--hostname", "mx.test", "--timeout", "0.5"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdin.write(b"EHLO c.test\r\n")
+    proc.stdin.flush()
+    lines = [proc.stdout.readline()]
+    while lines[-1] and not lines[-1].startswith(b"421"):
+        lines.append(proc.stdout.readline())
+    assert lines[-1].startswith(b"421 4.4.2 ")
+    assert proc.wait(20) == 0
+    proc.stdin.close()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_stdin_mode_imports_only_what_a_session_needs(tmp_path):
+    """No ssl, email, smtplib, tomllib or socketserver in a plain piped session."""
+    code = ("import sys; from netsmtp.cli import main; main(sys.argv[1:]); "
+            "open(%r, 'w').write(' '.join(sorted(sys.modules)))" % str(tmp_path / "mods"))
+    subprocess.run([sys.executable, "-c", code, "--stdin", "--spool", str(tmp_path / "s"),
+                    "--hostname", "mx.test"], input=SESSION, capture_output=True, cwd=ROOT,
+                   timeout=30, check=True)
+    modules = set((tmp_path / "mods").read_text().split())
+    assert "netsmtp.session" in modules
+    for heavy in ("ssl", "email", "smtplib", "tomllib", "socketserver", "filelock"):
+        assert heavy not in modules, heavy
+
+
+def test_unwritable_spool_in_stdin_mode(tmp_path):
+    """With an unusable spool the stdin mode refuses at once with 421, exit 1."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = stdin_mode(str(blocker / "spool"), SESSION)
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"421 ")
+
+
+# -- xinetd, with the service entry from the README ---------------------------------
+
+def readme_block(kind):
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return re.search(r"```%s\n(.*?)```" % kind, text, re.S).group(1)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def xinetd_config(tmp_path, port, spool):
+    """The README's entry, pointed at this checkout, a test spool and a free port."""
+    entry = readme_block("xinetd")
+    settings = dict(re.findall(r"^\s*(\w+)\s*\+?=\s*(.*?)\s*$", entry, re.M))
+    assert settings["server_args"].startswith("-m netsmtp --stdin")
+    settings.update(type="UNLISTED", port=str(port), bind="127.0.0.1", server=sys.executable,
+                    server_args=re.sub(r"--spool \S+", "--spool " + spool,
+                                       settings["server_args"]).replace("mx.example.com", "mx.test"),
+                    env="PYTHONPATH=%s" % ROOT, log_type="FILE %s" % (tmp_path / "xinetd.log"))
+    settings.pop("log_on_failure", None)
+    if os.getuid() != 0:
+        settings.pop("user", None)
+    elif "user" in settings:
+        settings["user"] = "root"
+    body = "\n".join("    %s = %s" % item for item in settings.items())
+    return "service netsmtp-test\n{\n%s\n}\n" % body
+
+
+def test_under_xinetd(tmp_path):
+    """xinetd runs the README's service entry; smtplib sends through it."""
+    import smtplib
+    xinetd = need_tool("xinetd")
+    spool = str(tmp_path / "spool")
+    for attempt in range(5):
+        port = free_port()
+        conf = tmp_path / "xinetd.conf"
+        conf.write_text(xinetd_config(tmp_path, port, spool))
+        proc = subprocess.Popen([xinetd, "-dontfork", "-f", str(conf), "-pidfile",
+                                 str(tmp_path / "pid")], stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            if proc.poll() is not None:
+                continue  # the port was taken meanwhile: try another
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.sendmail("a@client.test", ["u@mx.test"], b"Subject: xinetd\r\n\r\nhi\r\n")
+            envelope, message = only_entry(spool)
+            assert envelope.client == "127.0.0.1" and b"Subject: xinetd" in message
+            return
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    pytest.fail("xinetd did not start: %s" % proc.stderr.read().decode())
