@@ -8,29 +8,38 @@ import socket
 import socketserver
 
 from .inetd import stop_on_signals
+from .limits import Limits, refuse_connection
 from .session import Session
+from .transport import SocketTransport
 
 log = logging.getLogger("netsmtp")
 
 
 class SessionHandler(socketserver.StreamRequestHandler):
-    """Serve one accepted connection with the server's session class (in a child)."""
+    """Serve one accepted connection with the server's session class.
+
+    Runs in a forked child or a prefork worker; server needs options, spool
+    and session_class.
+    """
 
     def setup(self):
-        # The child must not hold the listening socket: once the parent
-        # closes it on shutdown, nobody would accept what queues there.
-        self.server.socket.close()
-        signal.set_wakeup_fd(-1)
         self.request.settimeout(self.server.options.timeout)
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().setup()
 
     def handle(self):
-        session = self.server.session_class(
+        options = self.server.options
+        transport = SocketTransport(self.request, options.timeout, options.tls_timeout)
+        self.session = session = self.server.session_class(
             self.rfile, self.wfile, peer=self.client_address[0],
-            options=self.server.options, spool=self.server.spool)
+            options=options, spool=self.server.spool, transport=transport)
         stop_on_signals(session)
+        # A stop that came before the session's handler was in place counts.
+        if self.server.stop_requested:
+            session.stopping = True
         session.handle()
+        if session.tls:
+            transport.close()  # the TLS socket; the runner closes the plain one
 
 
 class ForkingServer(socketserver.ForkingTCPServer):
@@ -49,7 +58,11 @@ class ForkingServer(socketserver.ForkingTCPServer):
         self.spool = spool
         self.session_class = session_class
         self.request_queue_size = options.backlog
-        self.max_children = options.max_sessions
+        # self.limits refuses the session over max_sessions with a 421;
+        # socketserver would instead stop accepting at max_children.
+        self.max_children = options.max_sessions + 1
+        self.limits = Limits(options)
+        self.sessions = {}  # child pid -> client address, for limits.release()
         self.stop_requested = False
         host, port = options.listen
         if ":" in host:
@@ -80,14 +93,45 @@ class ForkingServer(socketserver.ForkingTCPServer):
             signal.set_wakeup_fd(previous)
             os.close(wake_read)
             os.close(wake_write)
-        log.info("stopping: %d session(s) to finish", len(self.active_children or ()))
-        for pid in list(self.active_children or ()):
+        children = list(self.active_children or ())
+        for pid in children:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        log.info("stopping: %d session(s) to finish", len(children))
         self.server_close()
         log.info("stopped")
+
+    def process_request(self, request, client_address):
+        """Admit the connection (netsmtp.limits) before a child is forked for it."""
+        peer = client_address[0]
+        reason = self.limits.admit(peer)
+        if reason is not None:
+            refuse_connection(request, self.options, reason)
+            self.shutdown_request(request)
+            return
+        known = set(self.active_children or ())
+        try:
+            super().process_request(request, client_address)  # the child exits in it
+        finally:
+            started = set(self.active_children or ()) - known
+            if started:
+                self.sessions[started.pop()] = peer
+            else:
+                self.limits.release(peer)
+
+    def collect_children(self, *, blocking=False):
+        super().collect_children(blocking=blocking)
+        for pid in set(self.sessions) - set(self.active_children or ()):
+            self.limits.release(self.sessions.pop(pid))
+
+    def finish_request(self, request, client_address):
+        # In the child: it must not hold the listening socket, for once the
+        # parent closes it on shutdown nobody would accept what queues there.
+        self.socket.close()
+        signal.set_wakeup_fd(-1)
+        super().finish_request(request, client_address)
 
     def handle_error(self, request, client_address):
         log.exception("error serving %s", client_address)
