@@ -108,6 +108,10 @@ SPEC = {opt.name: opt for opt in (
            "idle seconds before a session is closed (RFC 5321 section 4.5.3.2)"),
     Option("max_sessions", 100, parse_int, "most concurrent sessions of the server"),
     Option("backlog", 128, parse_int, "listen backlog of the server socket"),
+    Option("workers", 4, parse_int,
+           "warm prefork worker processes (0: fork one child per connection)"),
+    Option("max_connections_per_worker", 1000, parse_int,
+           "connections a prefork worker serves before it is replaced (0: no limit)"),
     Option("log_level", "info", parse_log_level, "debug, info, warning or error"),
     Option("syslog", False, parse_bool, "log to syslog instead of stderr"),
 )}

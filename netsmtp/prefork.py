@@ -1,0 +1,308 @@
+"""The prefork server: warm worker processes accept on one shared socket.
+
+Forking a Python process per connection costs more than the session it
+serves.  Postfix's master/smtpd and Apache's prefork MPM keep processes that
+serve one connection after another; so does this.  The master never accepts:
+it forks options.workers workers at start, forks more as soon as fewer than
+SPARE_WORKERS are idle (up to options.max_sessions in all, so no client waits
+behind a busy worker), retires idle ones the pool no longer needs, and
+replaces any that exit or die.  A worker reports busy/idle to the master over
+a pipe and leaves after options.max_connections_per_worker connections.
+
+Each worker waits on the listening socket with epoll and EPOLLEXCLUSIVE, so a
+new connection wakes one idle worker, not all of them, and a signal ends the
+wait without racing an accept() that already took a connection.
+"""
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
+
+from .inetd import stop_on_signals
+from .server import SessionHandler
+from .session import Session
+
+log = logging.getLogger("netsmtp")
+
+SPARE_WORKERS = 2    # idle workers kept ready under load (at most options.workers)
+SHRINK_AFTER = 10.0  # seconds of surplus before one idle worker is retired
+RETIRE = signal.SIGUSR1  # to a worker: leave once the current session is done
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, RETIRE}
+
+# Worker -> master status: pid and state, one write under PIPE_BUF (atomic).
+STATUS = struct.Struct("=iB")
+IDLE, BUSY = 0, 1
+
+
+class PreforkServer:
+    """Listen on options.listen and serve connections with a pool of workers.
+
+    Needs the attributes SessionHandler reads: options, spool, session_class.
+    serve() returns once SIGTERM or SIGINT stopped the pool and every worker
+    has finished its current message.
+    """
+
+    spare_workers = SPARE_WORKERS
+    shrink_after = SHRINK_AFTER
+
+    def __init__(self, options, spool, session_class=Session):
+        self.options = options
+        self.spool = spool
+        self.session_class = session_class
+        host, port = options.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family,
+                                           backlog=options.backlog)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self.size = max(1, options.workers)
+        self.limit = max(self.size, options.max_sessions)
+        self.workers = {}      # pid -> monotonic time it was forked
+        self.busy = set()
+        self.retiring = set()
+        self.stop_requested = False
+        self.surplus_since = None
+        self.hold_until = 0.0
+
+    # -- the master ---------------------------------------------------------
+
+    def serve(self):
+        """Run the pool until SIGTERM or SIGINT, then wait for the workers."""
+        self.status_read, self.status_write = os.pipe()
+        os.set_blocking(self.status_read, False)
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(wake_write, False)
+        previous = signal.set_wakeup_fd(wake_write)
+
+        def stop(signum, frame):
+            self.stop_requested = True
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        pending = b""
+        try:
+            while not self.stop_requested:
+                self.reap()
+                self.adjust()
+                ready, _, _ = select.select([self.status_read, wake_read], [], [], 1.0)
+                if wake_read in ready:
+                    os.read(wake_read, 512)
+                if self.status_read in ready:
+                    pending = self.read_status(pending)
+        finally:
+            signal.set_wakeup_fd(previous)
+            os.close(wake_read)
+            os.close(wake_write)
+            self.stop()
+
+    def stop(self):
+        """Stop every worker gracefully and wait for them all."""
+        log.info("stopping: %d worker(s), %d busy", len(self.workers), len(self.busy))
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for pid in self.workers:
+            self.signal(pid, signal.SIGTERM)
+        self.socket.close()
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.forget(pid, status)
+        os.close(self.status_read)
+        os.close(self.status_write)
+        log.info("stopped")
+
+    def read_status(self, pending):
+        """Apply the workers' busy/idle reports; returns an unread remainder."""
+        try:
+            data = pending + os.read(self.status_read, STATUS.size * 512)
+        except BlockingIOError:
+            return pending
+        whole = len(data) - len(data) % STATUS.size
+        for pid, state in STATUS.iter_unpack(data[:whole]):
+            if pid not in self.workers:
+                continue
+            if state == BUSY:
+                self.busy.add(pid)
+            else:
+                self.busy.discard(pid)
+        self.adjust()
+        return data[whole:]
+
+    def adjust(self):
+        """Fork workers until enough are idle; retire one after a long surplus."""
+        now = time.monotonic()
+        spare = min(self.spare_workers, self.size)
+        idle = len(self.workers) - len(self.busy) - len(self.retiring - self.busy)
+        want = min(self.limit, max(self.size, len(self.busy) + spare))
+        while len(self.workers) - len(self.retiring) < want and now >= self.hold_until:
+            if len(self.workers) >= self.limit:
+                break
+            self.spawn()
+            idle += 1
+        if idle > spare and len(self.workers) - len(self.retiring) > self.size:
+            if self.surplus_since is None:
+                self.surplus_since = now
+            elif now - self.surplus_since >= self.shrink_after:
+                self.surplus_since = now
+                idle_pids = set(self.workers) - self.busy - self.retiring
+                pid = max(idle_pids)
+                log.debug("retiring idle worker %d", pid)
+                self.retiring.add(pid)
+                self.signal(pid, RETIRE)
+        else:
+            self.surplus_since = None
+
+    def reap(self):
+        """Collect the workers that ended; a worker that fails at once holds spawning."""
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            started = self.workers.get(pid)
+            self.forget(pid, status)
+            if started is not None and os.waitstatus_to_exitcode(status) != 0:
+                if time.monotonic() - started < 1.0:
+                    # A worker that cannot even start would be forked in a
+                    # tight loop; wait a second before trying again.
+                    self.hold_until = time.monotonic() + 1.0
+
+    def forget(self, pid, status):
+        if self.workers.pop(pid, None) is None:
+            return
+        self.busy.discard(pid)
+        self.retiring.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            log.warning("worker %d killed by signal %d", pid, -code)
+        elif code != 0:
+            log.warning("worker %d exited with status %d", pid, code)
+        else:
+            log.debug("worker %d exited", pid)
+
+    @staticmethod
+    def signal(pid, signum):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def spawn(self):
+        # Until the worker has its own handlers, a SIGTERM would run the
+        # master's copy in the child and be lost: hold signals over the fork.
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        if pid == 0:
+            code = 1
+            try:
+                code = Worker(self).run()
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                os._exit(code)
+        self.workers[pid] = time.monotonic()
+        log.debug("worker %d started (%d in pool)", pid, len(self.workers))
+
+
+class Worker:
+    """One prefork worker: accept and serve connections one after another."""
+
+    def __init__(self, server):
+        self.server = server
+        self.options = server.options
+        self.spool = server.spool
+        self.session_class = server.session_class
+        self.socket = server.socket
+        self.master = os.getppid()
+        self.stop_requested = False
+        self.retiring = False
+        self.served = 0
+
+    def run(self):
+        """Serve until stopped, retired or recycled; returns the exit code."""
+        os.close(self.server.status_read)
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(wake_write, False)
+        signal.set_wakeup_fd(wake_write)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.listen_to_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        poller = select.epoll()
+        poller.register(self.socket.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        poller.register(wake_read, select.EPOLLIN)
+        limit = self.options.max_connections_per_worker
+        while not (self.stop_requested or self.retiring):
+            if not poller.poll(5.0) and os.getppid() != self.master:
+                log.warning("worker %d: master gone, leaving", os.getpid())
+                break
+            try:
+                os.read(wake_read, 512)
+            except BlockingIOError:
+                pass
+            if self.stop_requested or self.retiring:
+                break
+            try:
+                request, client_address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another worker took it
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE,
+                                 errno.ENOBUFS, errno.ENOMEM, errno.EPROTO):
+                    log.warning("worker %d: accept: %s", os.getpid(), exc)
+                    continue
+                raise
+            self.report(BUSY)
+            try:
+                self.handle(request, client_address)
+            finally:
+                self.report(IDLE)
+            self.served += 1
+            if limit and self.served >= limit:
+                log.debug("worker %d: recycled after %d connections",
+                          os.getpid(), self.served)
+                break
+        return 0
+
+    def listen_to_signals(self):
+        def stop(signum, frame):
+            self.stop_requested = True
+
+        def retire(signum, frame):
+            self.retiring = True
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(RETIRE, retire)
+
+    def handle(self, request, client_address):
+        """Serve one connection, then close it; errors end it, not the worker."""
+        try:
+            handler = SessionHandler(request, client_address, self)
+            if handler.session.stopping:
+                self.stop_requested = True
+        except Exception:
+            log.exception("error serving %s", client_address)
+        finally:
+            self.listen_to_signals()
+            try:
+                request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            request.close()
+
+    def report(self, state):
+        os.write(self.server.status_write, STATUS.pack(os.getpid(), state))

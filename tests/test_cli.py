@@ -1,0 +1,147 @@
+"""The command line and the options table: flags, TOML keys, keywords, exit codes."""
+
+import ipaddress
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from netsmtp.cli import main
+from netsmtp.options import SPEC, OptionError, Options
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "netsmtp", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--max-size", "lots"], "--max-size"),
+    (["--listen", "nowhere"], "--listen"),
+    (["--relay-networks", "10.0.0.0/33"], "--relay-networks"),
+    (["--timeout", "0"], "--timeout"),
+    (["--log-level", "chatty"], "--log-level"),
+], ids=["unknown-flag", "size", "listen", "network", "timeout", "log-level"])
+def test_bad_flag_is_one_line_and_exit_2(args, fragment, tmp_path):
+    """A bad flag or value: one clear line on stderr, exit code 2, nothing started."""
+    result = run(*args, "--spool", str(tmp_path / "s"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and fragment in result.stderr
+    assert result.stderr.startswith("netsmtp: error: ")
+
+
+def test_bad_config_value_is_exit_2(tmp_path):
+    """A bad value in the TOML file is reported like a bad flag."""
+    config = tmp_path / "netsmtp.toml"
+    config.write_text('max_recipients = "many"\n')
+    result = run("--config", str(config))
+    assert result.returncode == 2 and "--max-recipients" in result.stderr
+
+
+@pytest.mark.parametrize("text", ['nonsense = 1\n', 'max_size = [\n'], ids=["unknown", "syntax"])
+def test_unknown_or_broken_config_is_exit_2(tmp_path, text):
+    """An unknown key or a TOML syntax error names the file and exits 2."""
+    config = tmp_path / "netsmtp.toml"
+    config.write_text(text)
+    result = run("--config", str(config))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+
+
+def test_missing_config_file_is_exit_2(tmp_path):
+    """A config file that cannot be read is a usage error."""
+    result = run("--config", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2 and "absent.toml" in result.stderr
+
+
+def test_unwritable_spool_is_reported_at_start(tmp_path):
+    """The daemon refuses to start on a spool it cannot write: exit 1, a clear line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("--spool", str(blocker / "spool"), "--listen", "127.0.0.1:0")
+    assert result.returncode == 1 and "cannot use spool" in result.stderr
+
+
+def test_port_in_use_is_reported(tmp_path):
+    """A listen address that cannot be bound: exit 1 and the reason."""
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run("--spool", str(tmp_path / "s"), "--listen", "127.0.0.1:%d" % port)
+    assert result.returncode == 1 and "cannot listen" in result.stderr
+
+
+def test_help_lists_every_option():
+    """Every option of the table is a command-line flag."""
+    result = run("--help")
+    assert result.returncode == 0
+    for opt in SPEC.values():
+        assert opt.flag in result.stdout, opt.flag
+
+
+def test_main_returns_exit_codes(capsys):
+    """main(argv) is a function returning an int; --version exits 0."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and "netsmtp" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["--max-size", "x"])
+    assert exited.value.code == 2
+
+
+def test_console_script_and_module_share_main():
+    """setup.py's netsmtp script and `python -m netsmtp` both call netsmtp.cli:main."""
+    setup = open(ROOT + "/setup.py").read()
+    assert '"netsmtp = netsmtp.cli:main"' in setup
+    assert "main()" in open(ROOT + "/netsmtp/__main__.py").read()
+
+
+# -- the options table ---------------------------------------------------------------
+
+def test_defaults(tmp_path):
+    """The documented defaults."""
+    options = Options(hostname="mx.test")
+    assert options.listen == ("127.0.0.1", 2525)
+    assert options.spool == "spool" and options.stdin is False
+    assert options.local_domains == ("mx.test",)
+    assert options.relay_networks == (ipaddress.ip_network("127.0.0.0/8"),
+                                      ipaddress.ip_network("::1/128"))
+    assert options.max_size == 20_000_000 and options.max_recipients == 100
+    assert options.timeout == 300.0
+
+
+def test_hostname_defaults_to_the_fqdn():
+    """Without --hostname, the machine's FQDN names the server."""
+    import socket
+    assert Options().hostname == socket.getfqdn()
+
+
+@pytest.mark.parametrize("name,text,value", [
+    ("listen", "[::1]:25", ("::1", 25)), ("listen", ":2525", ("", 2525)),
+    ("local_domains", "A.test, b.test.", ("a.test", "b.test")),
+    ("relay_networks", "none", ()), ("relay_networks", ["10.0.0.0/8"], (ipaddress.ip_network("10.0.0.0/8"),)),
+    ("syslog", "yes", True), ("syslog", False, False), ("max_size", "100", 100), ("max_size", 7, 7),
+])
+def test_option_parsing(name, text, value):
+    """Text from a flag and native values from TOML or Python parse alike."""
+    assert getattr(Options(hostname="h", **{name: text}), name) == value
+
+
+def test_unknown_keyword_is_refused():
+    """Options(**kw) rejects a misspelt option instead of ignoring it."""
+    with pytest.raises(OptionError, match="max_sizes"):
+        Options(max_sizes=1)
+
+
+def test_config_file_and_flags_combine(tmp_path, monkeypatch):
+    """TOML keys (with dashes or underscores) set options; flags override them."""
+    from netsmtp import cli
+    config = tmp_path / "c.toml"
+    config.write_text('max-size = 1234\nmax_recipients = 5\nlocal_domains = ["a.test", "b.test"]\n')
+    parser = cli.Parser(prog="netsmtp")
+    cli.add_options(parser, SPEC)
+    args = parser.parse_args(["--config", str(config), "--max-recipients", "9", "--hostname", "h"])
+    options = cli.options_from(parser, args)
+    assert options.max_size == 1234 and options.max_recipients == 9
+    assert options.local_domains == ("a.test", "b.test")

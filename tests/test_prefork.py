@@ -1,0 +1,190 @@
+"""The prefork server: a pool of warm workers behind one listening socket."""
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, spooled
+from netsmtp.spool import Spool
+
+MESSAGE = b"Subject: prefork\r\n\r\nhello\r\n"
+
+
+def children(pid):
+    """The pids whose parent is pid, from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            # Field 4 is the ppid; field 2 (comm) may hold spaces, so split after ")".
+            if int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    return predicate()
+
+
+def connect(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return sock, sock.makefile("rb")
+
+
+def expect(reader, code):
+    """Read one (possibly multi-line) reply and check its code."""
+    while True:
+        line = reader.readline()
+        assert line[:3] == str(code).encode(), line
+        if line[3:4] != b"-":
+            return line
+
+
+def serving_pids(output):
+    """The worker pid of each session, in order, from the connect log lines."""
+    return [int(pid) for pid in re.findall(r"netsmtp\[(\d+)\] INFO 127\.0\.0\.1: connect", output)]
+
+
+def test_smtplib_sessions_through_prefork(server_factory):
+    """Sessions one after another and over one connection all reach the spool."""
+    server = server_factory("--workers", "2")
+    for _ in range(3):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.sendmail("a@b.test", ["u@mx.test"], MESSAGE)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        for _ in range(3):
+            client.sendmail("a@b.test", ["u@mx.test"], MESSAGE)
+    assert server.stop() == 0
+    assert len(spooled(Spool(server.spool))) == 6
+    assert "workers=2" in server.output()
+
+
+def test_pool_grows_beyond_the_warm_workers(server_factory):
+    """With one warm worker, six clients held open at once are all greeted."""
+    server = server_factory("--workers", "1")
+    master = server.proc.pid
+    assert wait_for(lambda: len(children(master)) == 1)
+    clients = [connect(server.port) for _ in range(6)]
+    for _, reader in clients:
+        expect(reader, 220)
+    assert len(children(master)) >= 6
+    for sock, reader in clients:
+        sock.sendall(b"QUIT\r\n")
+        expect(reader, 221)
+        reader.close()
+        sock.close()
+    assert server.stop() == 0
+
+
+def test_killed_worker_is_replaced(server_factory):
+    """A worker killed by SIGKILL is replaced and the server keeps serving."""
+    server = server_factory("--workers", "2")
+    master = server.proc.pid
+    workers = wait_for(lambda: len(children(master)) == 2 and children(master))
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_for(lambda: (lambda now: len(now) == 2 and victim not in now)(children(master)))
+    assert replaced
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("a@b.test", ["u@mx.test"], MESSAGE)
+    assert server.stop() == 0
+    assert "worker %d killed by signal 9" % victim in server.output()
+
+
+def test_sigterm_finishes_the_message_in_flight(server_factory):
+    """On SIGTERM an idle session gets 421, a message in DATA completes, exit 0."""
+    server = server_factory("--workers", "2")
+    busy, busy_reader = connect(server.port)
+    expect(busy_reader, 220)
+    busy.sendall(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@mx.test>\r\nDATA\r\n")
+    for code in (250, 250, 250, 354):
+        expect(busy_reader, code)
+    busy.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    idle, idle_reader = connect(server.port)
+    expect(idle_reader, 220)
+    idle.sendall(b"EHLO c.test\r\n")
+    expect(idle_reader, 250)
+
+    server.proc.terminate()
+    expect(idle_reader, 421)  # so the workers have been told to stop
+    busy.sendall(b"second half\r\n.\r\n")
+    expect(busy_reader, 250)
+    expect(busy_reader, 421)
+    assert server.proc.wait(10) == 0
+    assert len(spooled(Spool(server.spool))) == 1
+    for stream in (busy_reader, busy, idle_reader, idle):
+        stream.close()
+
+
+def test_worker_is_recycled_after_its_connection_limit(server_factory):
+    """--max-connections-per-worker 2: no worker serves a third connection."""
+    server = server_factory("--workers", "1", "--max-connections-per-worker", "2",
+                            "--log-level", "debug")
+    for _ in range(6):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.noop()
+    assert wait_for(lambda: len(serving_pids(server.output())) == 6)
+    pids = serving_pids(server.output())
+    assert max(pids.count(pid) for pid in pids) <= 2
+    assert len(set(pids)) >= 3
+    assert "recycled after 2 connections" in server.output()
+    assert server.stop() == 0
+
+
+SHRINKING_SERVER = """
+import sys
+from netsmtp.cli import setup_logging
+from netsmtp.options import Options
+from netsmtp.prefork import PreforkServer
+from netsmtp.spool import Spool
+
+class QuickToShrink(PreforkServer):
+    shrink_after = 0.1
+
+options = Options(listen="127.0.0.1:0", spool=sys.argv[1], hostname="mx.test", workers=1)
+setup_logging(options)
+spool = Spool(options.spool)
+spool.prepare()
+server = QuickToShrink(options, spool)
+print(server.server_address[1], flush=True)
+server.serve()
+"""
+
+
+def test_idle_pool_shrinks_back(tmp_path):
+    """After a burst the surplus idle workers are retired down to --workers."""
+    proc = subprocess.Popen([sys.executable, "-c", SHRINKING_SERVER, str(tmp_path / "spool")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        port = int(proc.stdout.readline())
+        clients = [connect(port) for _ in range(5)]
+        for _, reader in clients:
+            expect(reader, 220)
+        assert len(children(proc.pid)) >= 5
+        for sock, reader in clients:
+            reader.close()
+            sock.close()
+        assert wait_for(lambda: len(children(proc.pid)) == 1, timeout=15)
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
