@@ -40,6 +40,28 @@ def parse_seconds(value):
     return number
 
 
+def parse_delay(value):
+    """Seconds >= 0; 0 turns the delay off."""
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("expected seconds >= 0, got %r" % value)
+    return number
+
+
+def parse_rate(value):
+    """"N/SECONDS" -> (N, SECONDS): at most N events per SECONDS."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        count, seconds = value
+    else:
+        count, sep, seconds = str(value).partition("/")
+        if not sep:
+            raise ValueError("expected N/SECONDS, got %r" % value)
+    count, seconds = int(count), float(seconds)
+    if count < 1 or not seconds > 0:
+        raise ValueError("expected N >= 1 and SECONDS > 0, got %r" % value)
+    return count, seconds
+
+
 def parse_list(value):
     """A comma-separated string or a list: ["a", "b"]; "none" is empty."""
     if isinstance(value, (list, tuple)):
@@ -112,6 +134,40 @@ SPEC = {opt.name: opt for opt in (
            "warm prefork worker processes (0: fork one child per connection)"),
     Option("max_connections_per_worker", 1000, parse_int,
            "connections a prefork worker serves before it is replaced (0: no limit)"),
+    # STARTTLS (RFC 3207), implicit TLS (RFC 8314) and AUTH (RFC 4954).
+    Option("tls_cert", None, parse_str, "PEM certificate chain; enables STARTTLS"),
+    Option("tls_key", None, parse_str, "PEM private key of --tls-cert"),
+    Option("tls_on_connect", False, parse_bool,
+           "TLS from the first byte (implicit TLS, port 465, RFC 8314)"),
+    Option("tls_timeout", 30.0, parse_seconds, "seconds allowed for a TLS handshake"),
+    Option("require_tls", False, parse_bool, "refuse MAIL before STARTTLS (530 5.7.0)"),
+    Option("auth_file", None, parse_str,
+           "file of user:hash lines (made by netsmtp-passwd); enables AUTH"),
+    Option("auth_plaintext", False, parse_bool, "offer AUTH without TLS too"),
+    Option("require_auth", False, parse_bool, "refuse MAIL before AUTH (530 5.7.1)"),
+    Option("auth_fail_delay", 1.0, parse_delay,
+           "seconds added to each failed AUTH per recent failure of the client"),
+    # Defences: admission before the session, then limits within it.
+    Option("conn_rate_limit", None, parse_rate,
+           "most new sessions per client address, N/SECONDS (default: off)"),
+    Option("conn_rate_total", None, parse_rate,
+           "most new sessions in total, N/SECONDS (default: off)"),
+    Option("max_sessions_per_client", None, parse_int,
+           "most concurrent sessions per client address (default: off)"),
+    Option("max_bad_commands", 20, parse_int,
+           "refused commands before 421 and close (0: no limit)"),
+    Option("error_delay", 1.0, parse_delay,
+           "tarpit: seconds of delay per refused command after the third (0: off)"),
+    Option("max_messages", 1000, parse_int, "most messages per session (0: no limit)"),
+    Option("max_session_recipients", 1000, parse_int,
+           "most recipients per session (0: no limit)"),
+    Option("session_timeout", 3600.0, parse_seconds, "longest a session may last, seconds"),
+    Option("greet_pause", 0.0, parse_delay,
+           "seconds to wait before the greeting; earlier talkers get 554 (0: off)"),
+    Option("helo_verify", False, parse_bool,
+           "HELO must be allowed, the client's address literal, or resolve to it"),
+    Option("helo_allowed", None, parse_domains,
+           "comma-separated HELO names always accepted by --helo-verify"),
     Option("log_level", "info", parse_log_level, "debug, info, warning or error"),
     Option("syslog", False, parse_bool, "log to syslog instead of stderr"),
 )}
