@@ -11,7 +11,9 @@ import socket
 import stat
 import sys
 
+from .limits import SharedLimits, limits_configured, refusal
 from .session import Session, ShuttingDown
+from .transport import PipeTransport, SocketTransport
 
 
 def stop_on_signals(session):
@@ -60,17 +62,29 @@ def serve_stdin(options, spool, session_class=Session):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = sock.getpeername()[0]
-        rfile, wfile = sock.makefile("rb"), sock.makefile("wb")
+        transport = SocketTransport(sock, options.timeout, options.tls_timeout)
+        rfile, wfile = transport.files()
     else:
-        sock = None
         peer = os.environ.get("TCPREMOTEIP") or os.environ.get("REMOTE_HOST") or None
+        transport = PipeTransport(0)
         rfile, wfile = PipeReader(0, options.timeout), sys.stdout.buffer
-    session = session_class(rfile, wfile, peer=peer, options=options, spool=spool)
+    limits = None
+    if limits_configured(options):
+        # Each inetd process is one session: the counts live in the spool.
+        limits = SharedLimits(options)
+        reason = limits.admit(peer)
+        if reason is not None:
+            if not options.tls_on_connect:
+                wfile.write(refusal(options, reason))
+                wfile.flush()
+            transport.close()
+            return
+    session = session_class(rfile, wfile, peer=peer, options=options, spool=spool,
+                            transport=transport)
     stop_on_signals(session)
-    session.handle()
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
+    try:
+        session.handle()
+    finally:
+        if limits is not None:
+            limits.release(peer)
+        transport.close()

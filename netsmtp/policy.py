@@ -6,9 +6,15 @@ changes nothing else.  Override them in a Session subclass.
 """
 
 import ipaddress
+import re
+import socket
 
 from .address import domain_of
 from .replies import SMTPError
+
+# RFC 5322 section 3.6.8: a field name is printable ASCII but the colon;
+# section 4.5.1 (obsolete syntax) lets spaces stand before the colon.
+FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+[ \t]*\Z")
 
 
 class Policy:
@@ -18,7 +24,16 @@ class Policy:
     domains; only the relay networks (and, with AUTH, authenticated users)
     may send anywhere else.  A session with no client address (a local pipe
     into --stdin) is trusted like the loopback.
+
+    Class variables that may be overridden (the bounds of the message checks):
+        max_header_fields      header fields in one message
+        max_header_field_size  octets of one field, its folded lines joined
+        max_received           Received fields that mean a mail loop
     """
+
+    max_header_fields = 1000
+    max_header_field_size = 64 * 1024
+    max_received = 100  # RFC 5321 section 6.3 suggests 100 hops
 
     def check_client(self, peer):
         """Called once before the greeting with the client address (or None).
@@ -27,7 +42,31 @@ class Policy:
         """
 
     def check_helo(self, name):
-        """Called with the HELO/EHLO argument; raise SMTPError to refuse it."""
+        """Called with the HELO/EHLO argument; raise SMTPError to refuse it.
+
+        With options.helo_verify the name must be in options.helo_allowed,
+        or be an address literal of the client, or resolve to the client.
+        """
+        if not self.options.helo_verify or self.peer is None:
+            return
+        if name.lower().rstrip(".") in (self.options.helo_allowed or ()):
+            return
+        client = _address(self.peer)
+        if name.startswith("["):
+            # RFC 5321 section 4.1.3: [192.0.2.1] or [IPv6:2001:db8::1].
+            literal = name[1:-1]
+            literal = literal[5:] if literal[:5].lower() == "ipv6:" else literal
+            if name.endswith("]") and client is not None and _address(literal) == client:
+                return
+            raise SMTPError("554 5.7.1", "HELO address literal is not your address")
+        try:
+            found = {_address(info[4][0]) for info in socket.getaddrinfo(name, None)}
+        except socket.gaierror as exc:
+            if exc.errno == socket.EAI_AGAIN:
+                raise SMTPError("450 4.7.1", "cannot resolve the HELO name now") from None
+            found = set()
+        if client is None or client not in found:
+            raise SMTPError("554 5.7.1", "HELO name does not resolve to your address")
 
     def check_mail_from(self, address, params):
         """Called with the reverse path ("" for <>) and the MAIL parameters."""
@@ -48,17 +87,50 @@ class Policy:
 
         headers is [(name, value)] of the header section (name is None for a
         line that is not a header field).  Raise SMTPError to refuse the
-        message; nothing is then kept.
+        message; nothing is then kept.  The default runs check_headers and
+        check_loop.
         """
+        self.check_headers(headers)
+        self.check_loop(headers)
+
+    def check_headers(self, headers):
+        """The header section parses (RFC 5322 section 2.2) and is bounded.
+
+        A message whose first line is no header field has no header section
+        (all body), and is let through; after a first field, every line up
+        to the blank line must be a field or its continuation.
+        """
+        if not headers or headers[0][0] is None or not FIELD_NAME.match(headers[0][0]):
+            return
+        if len(headers) > self.max_header_fields:
+            raise SMTPError("554 5.6.0", "over %d header fields" % self.max_header_fields)
+        for name, value in headers:
+            if name is None or not FIELD_NAME.match(name):
+                raise SMTPError("554 5.6.0", "malformed header section")
+            if len(name) + len(value) > self.max_header_field_size:
+                raise SMTPError("554 5.6.0", "header field %s too long" % name[:64])
+
+    def check_loop(self, headers):
+        """Refuse a message that already passed too many hops (RFC 5321 section 6.3)."""
+        hops = sum(1 for name, _ in headers if name and name.strip().lower() == "received")
+        if hops >= self.max_received:
+            raise SMTPError("554 5.4.6", hops)
 
     def may_relay(self):
         """True when this client may send to any domain."""
         if self.peer is None or self.auth_user is not None:
             return True
-        try:
-            address = ipaddress.ip_address(self.peer.partition("%")[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.options.relay_networks)
+        address = _address(self.peer)
+        return address is not None and any(
+            address in net for net in self.options.relay_networks)
+
+
+def _address(text):
+    """An ip_address of text (IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address

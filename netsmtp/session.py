@@ -21,7 +21,10 @@ log = logging.getLogger("netsmtp")
 COMMAND_LINE_LIMIT = 512
 LINE_LIMITS = {"MAIL": COMMAND_LINE_LIMIT + 600, "AUTH": 12288}
 LONGEST_LINE = max(LINE_LIMITS.values())
-MAX_BAD_COMMANDS = 20
+MAX_BAD_COMMANDS = 20  # the default of options.max_bad_commands
+FREE_ERRORS = 3  # refusals before the tarpit's delay starts
+MAX_ERROR_DELAY = 10.0  # seconds; the tarpit's delay stops growing here
+MAX_AUTH_DELAY = 30.0  # seconds; the delay of a failed AUTH stops growing here
 
 HELP_LINES = (
     "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY EXPN",
@@ -38,11 +41,15 @@ class Session(Policy):
 
     rfile needs read1() (a buffered binary reader: a socket's makefile("rb"),
     sys.stdin.buffer, io.BytesIO); wfile needs write() and flush().  peer is
-    the client's IP address as text, or None for a local session.
+    the client's IP address as text, or None for a local session.  transport
+    (netsmtp.transport) lets the session wait for input before its greeting
+    and switch to TLS; without one it does neither and offers no STARTTLS.
 
     Methods that may be overridden:
         check_client, check_helo, check_mail_from, check_rcpt_to,
         check_message   the policy hooks, see netsmtp.policy.Policy
+        tls_context()   the ssl.SSLContext for STARTTLS and implicit TLS
+        authenticate(user, password)  True when the credentials are good
         extensions()    the EHLO keywords; may be extended
         received_header(envelope)  the trace header put on each message
 
@@ -60,12 +67,18 @@ class Session(Policy):
 
     replies = REPLIES
 
-    def __init__(self, rfile, wfile, peer=None, options=None, spool=None, **settings):
+    def __init__(self, rfile, wfile, peer=None, options=None, spool=None,
+                 transport=None, **settings):
         self.options = options if options is not None else Options(**settings)
         self.wfile = wfile
         self.peer = peer
         self.spool = spool if spool is not None else Spool(self.options.spool)
-        self.reader = LineReader(rfile, self.flush)
+        self.transport = transport
+        self.reader = LineReader(rfile, self.before_read)
+        self.session_deadline = None
+        self.command_deadline = None
+        self.recipients_total = 0
+        self.passwords = None
         self.state = State.CONNECTED
         self.helo = None
         self.esmtp = False
@@ -86,9 +99,13 @@ class Session(Policy):
         """Greet, serve commands until QUIT, EOF, timeout or shutdown."""
         log.info("%s: connect", self.tag)
         started = time.monotonic()
+        self.session_deadline = started + self.options.session_timeout
         try:
             try:
+                if self.options.tls_on_connect and not self.tls_on_connect():
+                    return
                 self.check_client(self.peer)
+                self.greet_pause()
             except SMTPError as refusal:
                 log.info("%s: refused: %s", self.tag, refusal)
                 self.reply(refusal.key, *refusal.args_)
@@ -122,12 +139,14 @@ class Session(Policy):
         self.idle = self.state in (State.CONNECTED, State.READY)
         if self.idle and self.stopping:
             raise ShuttingDown
+        self.command_deadline = time.monotonic() + self.options.timeout
         try:
             line = self.reader.readline(LONGEST_LINE)
         except LineTooLong:
             line = None
         finally:
             self.idle = False
+            self.command_deadline = None
         verb = self.dispatch(line)
         if verb:
             log.debug("%s: %s", self.tag, verb)
@@ -168,14 +187,39 @@ class Session(Policy):
         return None
 
     def refuse(self, refusal):
-        """Send a refusal's reply; too many of them close the session."""
+        """Send a refusal's reply; each costs a growing delay, too many close the session."""
+        log.info("%s: refused: %s", self.tag, refusal)
         self.reply(refusal.key, *refusal.args_)
         if refusal.code >= 500:
             self.bad_commands += 1
-            if self.bad_commands >= MAX_BAD_COMMANDS:
+            limit = self.options.max_bad_commands
+            if limit and self.bad_commands >= limit:
                 log.info("%s: too many errors, closing", self.tag)
                 self.reply("421 4.7.0", self.options.hostname, "too many errors")
                 self.closing = True
+            elif self.bad_commands > FREE_ERRORS:
+                # The tarpit: a client that keeps erring gets ever slower answers.
+                self.pause(min(MAX_ERROR_DELAY, self.options.error_delay
+                               * (self.bad_commands - FREE_ERRORS)))
+
+    def pause(self, seconds):
+        """Sleep before answering (tarpit, failed AUTH)."""
+        if seconds > 0:
+            time.sleep(seconds)
+
+    def before_read(self):
+        """Flush the replies before waiting for input, within the deadlines.
+
+        options.timeout bounds each read (the socket's timeout) and also a
+        whole command line, so a byte every few minutes keeps no session
+        alive; options.session_timeout bounds the whole session.
+        """
+        self.flush()
+        now = time.monotonic()
+        if self.session_deadline is not None and now > self.session_deadline:
+            raise TimeoutError("session lasted over %ss" % self.options.session_timeout)
+        if self.command_deadline is not None and now > self.command_deadline:
+            raise TimeoutError("command line took over %ss" % self.options.timeout)
 
     def reply(self, key, *args, lines=()):
         """Queue a reply; it is written when the session next waits for input."""
@@ -206,20 +250,126 @@ class Session(Policy):
 
     def extensions(self):
         """The EHLO keywords, in order (RFC 5321 section 4.1.1.1)."""
-        return ["PIPELINING", "SIZE %d" % self.options.max_size, "8BITMIME",
-                "SMTPUTF8", "ENHANCEDSTATUSCODES", "HELP"]
+        keywords = ["PIPELINING", "SIZE %d" % self.options.max_size, "8BITMIME",
+                    "SMTPUTF8", "ENHANCEDSTATUSCODES", "HELP"]
+        if self.tls_available():
+            keywords.append("STARTTLS")
+        if self.auth_available():
+            keywords.append("AUTH PLAIN LOGIN")
+        return keywords
 
     def received_header(self, envelope):
         """The Received trace header (RFC 5321 section 4.4) as wire bytes."""
         client = "[%s]" % self.peer if self.peer else "local"
-        lines = ["Received: from %s (%s)" % (printable(self.helo), printable(client)),
-                 "\tby %s (netsmtp) with %s id %s" % (
+        lines = ["Received: from %s (%s)" % (printable(self.helo), printable(client))]
+        if self.tls:
+            # As Postfix writes it; RFC 8314 section 4.4 asks for the TLS facts.
+            lines.append("\t(using %(version)s with cipher %(cipher)s (%(bits)s bits))"
+                         % self.tls)
+        lines += ["\tby %s (netsmtp) with %s id %s" % (
                      self.options.hostname, self.protocol, envelope.id)]
         if len(envelope.recipients) == 1:
             lines.append("\tfor <%s>" % printable(envelope.recipients[0]))
         lines[-1] += ";"
         lines.append("\t" + time.strftime("%a, %d %b %Y %H:%M:%S %z"))
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    # -- TLS (RFC 3207, RFC 8314) and AUTH (RFC 4954) -------------------------
+
+    def tls_available(self):
+        """True when STARTTLS may be offered now: configured, possible, not done."""
+        return bool(self.options.tls_cert and not self.tls
+                    and getattr(self.transport, "can_tls", False))
+
+    def tls_context(self):
+        """The server's ssl.SSLContext; reloaded when the certificate changes."""
+        from .tls import server_context
+        return server_context(self.options.tls_cert, self.options.tls_key)
+
+    def start_tls(self):
+        """Handshake on the transport and forget the plaintext session.
+
+        RFC 3207 section 4.2: the client must EHLO again, and nothing
+        learnt before the handshake counts; the caller has already thrown
+        away what the client pipelined behind STARTTLS (CVE-2011-0411,
+        CVE-2024-34083).  A failed handshake closes the connection, since
+        the stream is in an unknown state.  Returns True on success.
+        """
+        try:
+            context = self.tls_context()
+            rfile, wfile, facts = self.transport.start_tls(context)
+        except Exception as exc:  # ssl.SSLError, OSError, TLSConfigError
+            log.warning("%s: TLS handshake failed: %s", self.tag, printable(exc))
+            self._out.clear()
+            self.closing = True
+            return False
+        self.reader = LineReader(rfile, self.before_read)
+        self.wfile = wfile
+        self.tls = facts
+        self.reset_transaction()
+        self.helo, self.esmtp, self.state = None, False, State.CONNECTED
+        log.info("%s: TLS %s %s", self.tag, facts["version"], facts["cipher"])
+        return True
+
+    def tls_on_connect(self):
+        """Implicit TLS (RFC 8314 section 3.3): handshake before the greeting."""
+        if not self.tls_available():
+            log.error("%s: --tls-on-connect needs --tls-cert and a socket", self.tag)
+            return False
+        return self.start_tls()
+
+    def greet_pause(self):
+        """Early-talker check: a client must wait for the 220 (RFC 5321 section 4.3.1)."""
+        pause = self.options.greet_pause
+        if pause and self.transport is not None and self.transport.readable(pause):
+            self.transport.drain()
+            raise SMTPError("554 5.7.1", "talking before the greeting")
+
+    def auth_available(self):
+        """True when AUTH may be offered now: configured, over TLS or allowed without."""
+        return bool(self.options.auth_file and self.auth_user is None
+                    and (self.tls or self.options.auth_plaintext))
+
+    def authenticate(self, user, password):
+        """True when password is user's, by default from options.auth_file."""
+        from .auth import PasswordFile
+        if self.passwords is None:
+            self.passwords = PasswordFile(self.options.auth_file)
+        return self.passwords.check(user, password)
+
+    def sasl_response(self, initial, challenge):
+        """The client's decoded answer: initial, or a reply to a 334 challenge.
+
+        "*" cancels the exchange with 501 (RFC 4954 section 4).
+        """
+        import base64
+        from .auth import decode_base64
+        if initial is None:
+            self.reply("334", base64.b64encode(challenge.encode()).decode())
+            self.command_deadline = time.monotonic() + self.options.timeout
+            try:
+                line = self.reader.readline(LINE_LIMITS["AUTH"])
+            except LineTooLong:
+                raise SMTPError("500 5.5.0", LINE_LIMITS["AUTH"]) from None
+            finally:
+                self.command_deadline = None
+            initial = line.decode("ascii", "replace").strip()
+        if initial == "*":
+            raise SMTPError("501 5.7.0")
+        try:
+            return decode_base64(initial)
+        except ValueError:
+            raise SMTPError("501 5.5.2", "invalid base64") from None
+
+    def auth_failed(self, mechanism, user):
+        """Count a failure of this client and slow it down, then refuse."""
+        from .limits import FailureLog
+        failures = FailureLog(self.options.spool).record(self.peer)
+        delay = min(MAX_AUTH_DELAY, self.options.auth_fail_delay * failures)
+        log.warning("%s: AUTH %s failed for %s (failure %d, delay %.1fs)",
+                    self.tag, mechanism, printable(user), failures, delay)
+        self.pause(delay)
+        raise SMTPError("535 5.7.8")
 
     # -- the verbs ----------------------------------------------------------
 
@@ -242,6 +392,16 @@ class Session(Policy):
         self.reply("250", self.options.hostname, self.helo, lines=self.extensions())
 
     def smtp_MAIL(self, arg):
+        limit = self.options.max_messages
+        if limit and self.messages >= limit:
+            log.info("%s: refused: %d messages in one session", self.tag, self.messages)
+            self.reply("421 4.7.0", self.options.hostname, "too many messages")
+            self.closing = True
+            return
+        if self.options.require_tls and not self.tls:
+            raise SMTPError("530 5.7.0")
+        if self.options.require_auth and self.auth_user is None:
+            raise SMTPError("530 5.7.1")
         if not arg or arg[:5].upper() != "FROM:":
             raise SMTPError("501 5.5.2", "MAIL FROM:<address>")
         try:
@@ -277,6 +437,12 @@ class Session(Policy):
             elif key == "SMTPUTF8":
                 if value is not True:
                     raise SMTPError("501 5.5.4", key)
+            elif key == "AUTH":
+                # RFC 4954 section 5: an xtext mailbox or <>; a client that
+                # has not authenticated is treated as if it gave <>.
+                if value is True:
+                    raise SMTPError("501 5.5.4", key)
+                params[key] = value if self.auth_user is not None else "<>"
             else:
                 raise SMTPError("555 5.5.4", key)
         return params
@@ -296,12 +462,16 @@ class Session(Policy):
             raise SMTPError("553 5.6.7", address)
         if len(self.envelope.recipients) >= self.options.max_recipients:
             raise SMTPError("452 4.5.3")
+        limit = self.options.max_session_recipients
+        if limit and self.recipients_total >= limit:
+            raise SMTPError("452 4.5.3")
         replacement = self.check_rcpt_to(address, params)
         for recipient in replacement if replacement is not None else [address]:
             if recipient not in self.envelope.recipients:
                 self.envelope.recipients.append(recipient)
         if self.envelope.recipients:
             self.state = State.RCPT
+        self.recipients_total += 1
         self.reply("250 2.1.5", address)
 
     def smtp_DATA(self, arg):
@@ -353,6 +523,9 @@ class Session(Policy):
         if failed:
             log.error("%s: spool write failed %s: %s", self.tag, summary, failed[0])
             raise SMTPError("452 4.3.1")
+        if header.overflow:
+            log.info("%s: refused %s: header section too large", self.tag, summary)
+            raise SMTPError("554 5.6.0", "header section too large")
         try:
             self.check_message(envelope, header.headers())
         except SMTPError as refusal:
@@ -394,3 +567,50 @@ class Session(Policy):
     def smtp_TURN(self, arg):
         # RFC 5321 section 4.1.1: TURN is obsolete and unsafe.
         raise SMTPError("502 5.5.1", "TURN")
+
+    def smtp_STARTTLS(self, arg):
+        if arg:
+            raise SMTPError("501 5.5.2", "STARTTLS takes no arguments")
+        if self.tls or not self.esmtp:
+            raise SMTPError("503 5.5.1")  # RFC 3207 section 4.2: once, after EHLO
+        if not self.tls_available():
+            raise SMTPError("502 5.5.1", "STARTTLS")
+        self.reply("220 2.0.0")
+        self.flush()
+        self.reader.discard()
+        self.start_tls()
+
+    def smtp_AUTH(self, arg):
+        if not self.options.auth_file:
+            raise SMTPError("502 5.5.1", "AUTH")
+        if self.auth_user is not None or not self.esmtp:
+            raise SMTPError("503 5.5.1")  # RFC 4954 section 4: once, after EHLO
+        if not (self.tls or self.options.auth_plaintext):
+            raise SMTPError("538 5.7.11")
+        mechanism, _, initial = (arg or "").partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip() or None
+        if not mechanism:
+            raise SMTPError("501 5.5.2", "AUTH mechanism")
+        if mechanism == "PLAIN":
+            # RFC 4616 section 2: authzid NUL authcid NUL passwd.
+            from .auth import decode_plain
+            try:
+                authzid, user, password = decode_plain(self.sasl_response(initial, ""))
+            except ValueError:
+                raise SMTPError("501 5.5.2", "malformed PLAIN response") from None
+            if authzid and authzid != user:
+                self.auth_failed(mechanism, user)
+        elif mechanism == "LOGIN":
+            # draft-murchison-sasl-login: Username: then Password:.
+            try:
+                user = self.sasl_response(initial, "Username:").decode("utf-8")
+                password = self.sasl_response(None, "Password:").decode("utf-8")
+            except UnicodeDecodeError:
+                raise SMTPError("501 5.5.2", "invalid UTF-8") from None
+        else:
+            raise SMTPError("504 5.5.4", mechanism)
+        if not self.authenticate(user, password):
+            self.auth_failed(mechanism, user)
+        self.auth_user = user
+        log.info("%s: AUTH %s as %s", self.tag, mechanism, printable(user))
+        self.reply("235 2.7.0")

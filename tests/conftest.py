@@ -31,8 +31,9 @@ def need_tool(name):
 
 
 def make_options(tmp_path, **overrides):
+    # error_delay=0: the tarpit would only slow tests that are not about it.
     values = dict(spool=str(tmp_path / "spool"), hostname="mx.test",
-                  local_domains="mx.test,example.test")
+                  local_domains="mx.test,example.test", error_delay=0)
     values.update(overrides)
     return Options(**values)
 

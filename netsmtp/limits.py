@@ -1,0 +1,215 @@
+"""Admission control: refuse a connection before a session is spent on it.
+
+A runner asks admit(peer) when a connection arrives: None lets it in, a
+reason refuses it, and the runner then sends refusal(options, reason) (421
+4.7.0) and closes.  Every admitted connection is given back with
+release(peer) when its session ends.  Four limits, each off when unset:
+
+  conn_rate_limit          new sessions per client address, N per SECONDS
+  conn_rate_total          new sessions in total, N per SECONDS
+  max_sessions_per_client  concurrent sessions per client address
+  max_sessions             concurrent sessions in total
+
+Limits keeps its counts in memory for a runner that sees every connection
+in one process (the forking daemon's parent).  SharedLimits keeps them in a
+JSON file under a filelock, for runners whose sessions run in separate
+processes that share nothing else (inetd's processes, prefork workers); a
+session there is its process id, and the entries of dead processes expire.
+FailureLog counts failed AUTH attempts per client in the same way.
+"""
+
+import json
+import logging
+import os
+import time
+
+from .replies import format_reply
+
+log = logging.getLogger("netsmtp.limits")
+
+MAX_TRACKED = 100_000  # rate entries kept at most; the oldest go first
+LOCK_TIMEOUT = 5.0  # seconds; past it a session is let in rather than hung
+
+
+def refusal(options, reason):
+    """The wire bytes of the 421 that refuses a connection."""
+    return format_reply("421 4.7.0", options.hostname, reason)
+
+
+def refuse_connection(sock, options, reason):
+    """Send the 421 on a fresh connection without ever blocking the runner.
+
+    Nothing is sent with implicit TLS: the client expects a handshake.
+    """
+    if options.tls_on_connect:
+        return
+    try:
+        sock.setblocking(False)
+        sock.send(refusal(options, reason))
+    except OSError:
+        pass
+
+
+def limits_configured(options):
+    """True when any limit beyond the runner's own max_sessions is set."""
+    return bool(options.conn_rate_limit or options.conn_rate_total
+                or options.max_sessions_per_client)
+
+
+class Limits:
+    """Connection limits counted in this process (see the module docstring)."""
+
+    def __init__(self, options, clock=time.monotonic):
+        self.per_client_rate = options.conn_rate_limit
+        self.total_rate = options.conn_rate_total
+        self.max_per_client = options.max_sessions_per_client
+        self.max_total = options.max_sessions
+        self.clock = clock
+        self.starts = []      # [time, peer] of admitted sessions, oldest first
+        self.sessions = {}    # peer -> concurrent sessions
+
+    def admit(self, peer):
+        """None when a session from peer may start now, else the reason it may not."""
+        key = peer or "local"
+        now = self.clock()
+        self.expire(now)
+        reason = self.refusal_reason(key, now)
+        if reason is None:
+            self.starts.append([now, key])
+            del self.starts[:-MAX_TRACKED]
+            self.sessions[key] = self.sessions.get(key, 0) + 1
+        else:
+            log.info("%s: connection refused: %s", key, reason)
+        return reason
+
+    def release(self, peer):
+        """The session of peer that admit() let in has ended."""
+        key = peer or "local"
+        count = self.sessions.get(key, 0) - 1
+        if count > 0:
+            self.sessions[key] = count
+        else:
+            self.sessions.pop(key, None)
+
+    def expire(self, now):
+        longest = max(rate[1] for rate in (self.per_client_rate, self.total_rate, (1, 0)) if rate)
+        cut = 0
+        while cut < len(self.starts) and self.starts[cut][0] <= now - longest:
+            cut += 1
+        del self.starts[:cut]
+
+    def refusal_reason(self, key, now):
+        if self.max_total and sum(self.sessions.values()) >= self.max_total:
+            return "too many sessions"
+        if self.max_per_client and self.sessions.get(key, 0) >= self.max_per_client:
+            return "too many sessions from your address"
+        if self.total_rate:
+            count, seconds = self.total_rate
+            if sum(1 for t, _ in self.starts if t > now - seconds) >= count:
+                return "too many new sessions, slow down"
+        if self.per_client_rate:
+            count, seconds = self.per_client_rate
+            if sum(1 for t, p in self.starts if p == key and t > now - seconds) >= count:
+                return "too many new sessions from your address, slow down"
+        return None
+
+
+class SharedState:
+    """A small JSON document in a file, changed under a filelock."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def update(self, change):
+        """Load the document, call change(doc) -> result, save it; return result."""
+        from filelock import FileLock, Timeout
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        try:
+            with FileLock(self.path + ".lock", timeout=LOCK_TIMEOUT):
+                try:
+                    with open(self.path, encoding="utf-8") as f:
+                        doc = json.load(f)
+                except (OSError, ValueError):
+                    doc = {}
+                result = change(doc)
+                tmp = "%s.%d" % (self.path, os.getpid())
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(doc, f, separators=(",", ":"))
+                os.replace(tmp, self.path)
+                return result
+        except Timeout:
+            log.warning("%s: lock busy for %ss, limits skipped", self.path, LOCK_TIMEOUT)
+            return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SharedLimits(Limits):
+    """Limits shared by processes through spool/locks/limits.json.
+
+    Each admitted session is recorded as this process's id; admit() drops
+    the sessions of processes that have died, so a killed process cannot
+    hold a slot for ever.  One process serves one session at a time.
+    """
+
+    def __init__(self, options, clock=time.monotonic):
+        super().__init__(options, clock)
+        self.state = SharedState(os.path.join(options.spool, "locks", "limits.json"))
+
+    def admit(self, peer):
+        def change(doc):
+            self.starts = doc.get("starts", [])
+            pids = {int(pid): key for pid, key in doc.get("sessions", {}).items()}
+            pids = {pid: key for pid, key in pids.items() if _alive(pid)}
+            self.sessions = {}
+            for key in pids.values():
+                self.sessions[key] = self.sessions.get(key, 0) + 1
+            reason = Limits.admit(self, peer)
+            if reason is None:
+                pids[os.getpid()] = peer or "local"
+            doc["starts"] = self.starts
+            doc["sessions"] = {str(pid): key for pid, key in pids.items()}
+            return reason
+        return self.state.update(change)
+
+    def release(self, peer):
+        def change(doc):
+            doc.get("sessions", {}).pop(str(os.getpid()), None)
+        self.state.update(change)
+
+
+class FailureLog:
+    """Recent failed AUTH attempts per client, shared through a file in the spool."""
+
+    def __init__(self, spool_path, window=3600.0, clock=time.time):
+        self.state = SharedState(os.path.join(spool_path, "locks", "auth-failures.json"))
+        self.window = window
+        self.clock = clock
+
+    def record(self, peer):
+        """Count one failure of peer; returns its failures within the window."""
+        key, now = peer or "local", self.clock()
+
+        def change(doc):
+            for client in list(doc):
+                doc[client] = [t for t in doc[client] if t > now - self.window]
+                if not doc[client]:
+                    del doc[client]
+            if len(doc) >= MAX_TRACKED:
+                doc.clear()
+            doc.setdefault(key, []).append(now)
+            del doc[key][:-100]
+            return len(doc[key])
+        return self.state.update(change) or 1
+
+    def forget(self, peer):
+        """peer authenticated: its earlier failures no longer slow it down."""
+        self.state.update(lambda doc: doc.pop(peer or "local", None))

@@ -1,0 +1,99 @@
+"""What a session may ask of its connection beyond reading and writing.
+
+A Session works over any binary reader and writer; a transport adds the two
+things only a real connection can do: wait for input with a deadline (the
+greeting pause that catches early talkers) and switch to TLS (RFC 3207).
+Runners pass one as Session(..., transport=...); BytesIO tests pass none, so
+their sessions neither pause nor offer STARTTLS.
+"""
+
+import select
+import socket
+
+
+class PipeTransport:
+    """A pipe on fd (inetd handing over a pipe): it can wait, never do TLS."""
+
+    can_tls = False
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def readable(self, timeout):
+        """True when input arrives within timeout seconds."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(ready)
+
+    def drain(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class SocketTransport:
+    """A connected socket that can turn into TLS in place.
+
+    files() gives the reader and writer of the socket as it is now; after
+    start_tls() they are those of the TLS layer, and the old ones must not
+    be used again: bytes they buffered were sent in plaintext.
+    """
+
+    can_tls = True
+
+    def __init__(self, sock, timeout, tls_timeout):
+        self.sock = sock
+        self.timeout = timeout
+        self.tls_timeout = tls_timeout
+
+    def files(self):
+        return self.sock.makefile("rb"), self.sock.makefile("wb")
+
+    def readable(self, timeout):
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(ready)
+
+    def start_tls(self, context):
+        """Run the server side of a TLS handshake, bounded by tls_timeout.
+
+        Returns (rfile, wfile, facts) where facts is {"version", "cipher",
+        "bits"}.  Raises OSError (ssl.SSLError, TimeoutError) on failure.
+        """
+        tls = context.wrap_socket(self.sock, server_side=True,
+                                  do_handshake_on_connect=False)
+        self.sock = tls
+        tls.settimeout(self.tls_timeout)
+        tls.do_handshake()
+        tls.settimeout(self.timeout)
+        cipher, _, bits = tls.cipher()
+        rfile, wfile = self.files()
+        return rfile, wfile, {"version": tls.version(), "cipher": cipher, "bits": bits}
+
+    def drain(self):
+        """Drop what the client sent unasked, so closing sends FIN, not RST.
+
+        A reset could destroy the refusal before the client reads it.
+        """
+        try:
+            self.sock.setblocking(False)
+            for _ in range(16):
+                if not self.sock.recv(65536):
+                    break
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                self.sock.settimeout(self.timeout)
+            except OSError:
+                pass
+
+    def close(self):
+        """Shut the connection down for both sides; never raises."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
