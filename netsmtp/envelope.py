@@ -2,12 +2,25 @@
 
 The session builds one per transaction; the spool freezes it as one line of
 JSON in front of the raw message, and Envelope.thaw() gives it back as a live
-object.  JSON only: thawing a spool file can never run code.
+object whose send() delivers it.  Delivery state (each recipient's status,
+attempts, next attempt, last error) lives in ID.state beside it, so the
+message file is written once.  JSON only: thawing a spool file can never
+run code.
 """
 
 import json
+import os
 
 SCHEMA_VERSION = 1
+# An envelope line is bounded by the session's limits (recipients, address
+# lengths); anything longer is not ours.
+MAX_ENVELOPE_LINE = 1 << 20
+
+# Recipient statuses.  A message leaves the spool when every recipient is
+# final: delivered, bounced, or failed with a <> sender (never bounced).
+PENDING, DEFERRED, DELIVERED, FAILED, BOUNCED, DROPPED = (
+    "pending", "deferred", "delivered", "failed", "bounced", "dropped")
+FINAL = frozenset((DELIVERED, BOUNCED, DROPPED))
 
 
 class Envelope:
@@ -23,6 +36,16 @@ class Envelope:
     tls         TLS facts ({"version", "cipher"}) or None
     auth        the authenticated user or None
     arrival     seconds since the epoch when DATA started
+
+    A thawed envelope also knows its spool file (path, offset of the
+    message, size) and its delivery state:
+    status      {recipient: {"status": PENDING..., "error": reply or None}}
+    attempts, next_attempt, last_attempt, last_error
+
+    Methods that may be overridden:
+        deliver(recipients, runner)  the delivery step: returns
+                        {recipient: netsmtp.delivery.Result}; the default
+                        routes each recipient to a Delivery of the runner
     """
 
     FIELDS = ("id", "sender", "recipients", "helo", "client", "protocol",
@@ -41,6 +64,14 @@ class Envelope:
         self.tls = tls
         self.auth = auth
         self.arrival = arrival
+        self.path = None
+        self.offset = 0
+        self.size = None
+        self.status = {}
+        self.attempts = 0
+        self.next_attempt = None
+        self.last_attempt = None
+        self.last_error = None
 
     def freeze(self):
         """The envelope as one line of JSON bytes, newline included."""
@@ -59,6 +90,127 @@ class Envelope:
         if not isinstance(data.get("id"), str) or not isinstance(data.get("recipients"), list):
             raise ValueError("envelope lacks id or recipients")
         return cls(**{name: data[name] for name in cls.FIELDS if name in data})
+
+    # -- the spool file ----------------------------------------------------
+
+    @classmethod
+    def thaw(cls, path):
+        """The envelope of the spool entry at path (ID.msg), state included.
+
+        ValueError (with the reason) if the entry cannot be parsed; OSError
+        if it cannot be read.
+        """
+        with open(path, "rb") as f:
+            line = f.readline(MAX_ENVELOPE_LINE)
+            if not line.endswith(b"\n"):
+                raise ValueError("no envelope line")
+            size = os.fstat(f.fileno()).st_size - len(line)
+        try:
+            envelope = cls.from_json(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError("envelope is not JSON: %s" % exc) from None
+        except TypeError as exc:
+            raise ValueError("bad envelope field: %s" % exc) from None
+        name = os.path.basename(path)
+        if name != envelope.id + ".msg":
+            raise ValueError("envelope id %r does not match the file name" % envelope.id)
+        if not all(isinstance(r, str) for r in envelope.recipients) or \
+                not isinstance(envelope.sender, str) or not isinstance(envelope.params, dict):
+            raise ValueError("bad sender, recipients or parameters")
+        envelope.path, envelope.offset, envelope.size = os.fspath(path), len(line), size
+        envelope.load_state()
+        return envelope
+
+    @property
+    def state_path(self):
+        return self.path[:-len(".msg")] + ".state"
+
+    def load_state(self):
+        """Read the delivery state from ID.state (a fresh entry has none)."""
+        self.status = {r: {"status": PENDING, "error": None} for r in self.recipients}
+        self.attempts, self.next_attempt, self.last_attempt, self.last_error = 0, None, None, None
+        try:
+            with open(self.state_path, "rb") as f:
+                data = json.loads(f.read(MAX_ENVELOPE_LINE))
+        except FileNotFoundError:
+            return
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError("state is not JSON: %s" % exc) from None
+        try:
+            for item in data["recipients"]:
+                if item["address"] in self.status:
+                    self.status[item["address"]] = {"status": str(item["status"]),
+                                                    "error": item.get("error")}
+            self.attempts = int(data["attempts"])
+            self.next_attempt = data.get("next_attempt")
+            self.last_attempt = data.get("last_attempt")
+            self.last_error = data.get("last_error")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError("bad state: %r" % exc) from None
+
+    def freeze_state(self):
+        """The delivery state as JSON bytes, for ID.state."""
+        data = {"version": SCHEMA_VERSION, "id": self.id, "attempts": self.attempts,
+                "next_attempt": self.next_attempt, "last_attempt": self.last_attempt,
+                "last_error": self.last_error,
+                "recipients": [{"address": r, **self.status[r]} for r in self.recipients]}
+        return json.dumps(data, ensure_ascii=False).encode() + b"\n"
+
+    def describe(self):
+        """Everything known about the entry as a JSON-ready dict (netsmtp-queue --json)."""
+        data = {name: getattr(self, name) for name in self.FIELDS}
+        data.update(size=self.size, attempts=self.attempts, next_attempt=self.due_at,
+                    last_attempt=self.last_attempt, last_error=self.last_error,
+                    recipients=[{"address": r, **self.status[r]} for r in self.recipients])
+        return data
+
+    @property
+    def due_at(self):
+        """When the next attempt is due: at arrival for a new entry."""
+        return self.next_attempt if self.next_attempt is not None else self.arrival or 0
+
+    def recipients_in(self, *statuses):
+        return [r for r in self.recipients if self.status[r]["status"] in statuses]
+
+    @property
+    def finished(self):
+        return all(self.status[r]["status"] in FINAL for r in self.recipients)
+
+    def open(self):
+        """The raw message as a binary file, positioned after the envelope."""
+        f = open(self.path, "rb")
+        f.seek(self.offset)
+        return f
+
+    # -- sending -------------------------------------------------------------
+
+    def send(self, runner=None):
+        """Try every pending recipient once and update the spool; returns an Outcome.
+
+        runner is a netsmtp.runner.QueueRunner; by default one with default
+        options for this entry's spool, closed afterwards.
+        """
+        if runner is not None:
+            return runner.send(self)
+        from .options import Options
+        from .runner import QueueRunner
+        with QueueRunner(Options(spool=os.path.dirname(self.path) or ".")) as runner:
+            return runner.send(self)
+
+    def deliver(self, recipients, runner):
+        """The delivery step: {recipient: Result} for each of recipients.
+
+        The default groups recipients by route (runner.route) and hands
+        each group to that route's Delivery.  Override to deliver some other
+        way; a recipient left out of the result is deferred.
+        """
+        groups = {}
+        for recipient in recipients:
+            groups.setdefault(runner.route(recipient), []).append(recipient)
+        results = {}
+        for route, group in groups.items():
+            results.update(runner.delivery(route).deliver(self, group))
+        return results
 
     def __repr__(self):
         return "<Envelope %s from <%s> to %d recipient(s)>" % (

@@ -99,6 +99,38 @@ def parse_log_level(value):
     return level
 
 
+def parse_duration(value):
+    """Seconds, or a number with s, m, h or d: "300", "5m", "4h", "5d"."""
+    text = str(value).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], None)
+    number = float(text[:-1] if scale else text) * (scale or 1)
+    if not number > 0:
+        raise ValueError("expected a duration > 0, got %r" % value)
+    return number
+
+
+def parse_tls_mode(value):
+    mode = str(value).strip().lower()
+    if mode not in ("off", "opportunistic", "required"):
+        raise ValueError("expected off, opportunistic or required, got %r" % value)
+    return mode
+
+
+def parse_routes(value):
+    """{"domain": "route"} (a TOML table) or "domain=route,*=route" -> dict."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        pairs = [item.partition("=")[::2] for item in parse_list(value)]
+    routes = {}
+    for domain, route in pairs:
+        domain, route = str(domain).strip().lower().rstrip("."), str(route).strip()
+        if not domain or not route.isidentifier():
+            raise ValueError("expected DOMAIN=ROUTE, got %r" % ("%s=%s" % (domain, route)))
+        routes[domain] = route
+    return routes
+
+
 class Option:
     """One setting: its name, default, parser and one line of help."""
 
@@ -168,6 +200,28 @@ SPEC = {opt.name: opt for opt in (
            "HELO must be allowed, the client's address literal, or resolve to it"),
     Option("helo_allowed", None, parse_domains,
            "comma-separated HELO names always accepted by --helo-verify"),
+    # The queue runner, netsmtp-send (see netsmtp.runner).
+    Option("smarthost", None, parse_hostport, "where netsmtp-send relays mail, HOST:PORT"),
+    Option("smarthost_tls", "opportunistic", parse_tls_mode,
+           "STARTTLS to the smarthost: off, opportunistic or required"),
+    Option("smarthost_ca", None, parse_str,
+           "CA file verifying the smarthost's certificate (default: the system's)"),
+    Option("smarthost_user", None, parse_str, "user name for AUTH at the smarthost"),
+    Option("smarthost_password_file", None, parse_str,
+           "file whose first line is the smarthost AUTH password"),
+    Option("smarthost_auth_plaintext", False, parse_bool,
+           "allow AUTH to the smarthost without TLS"),
+    Option("smarthost_timeout", 120.0, parse_seconds, "seconds to wait for the smarthost"),
+    Option("maildir_root", None, parse_str,
+           "deliver the local domains to MAILDIR_ROOT/<localpart>/"),
+    Option("routes", None, parse_routes,
+           "delivery per recipient domain, DOMAIN=ROUTE,... and *=ROUTE for the rest "
+           "(default: local domains to maildir when --maildir-root is set, * to smarthost)"),
+    Option("retry_initial", 300.0, parse_duration,
+           "first retry delay after a deferral (5m); it doubles each attempt"),
+    Option("retry_max", 14400.0, parse_duration, "longest retry delay (4h)"),
+    Option("max_queue_lifetime", 432000.0, parse_duration,
+           "age after which undelivered recipients are bounced (5d)"),
     Option("log_level", "info", parse_log_level, "debug, info, warning or error"),
     Option("syslog", False, parse_bool, "log to syslog instead of stderr"),
 )}

@@ -1,0 +1,142 @@
+"""Front ends of the queue: netsmtp-send and netsmtp-queue.
+
+Parse options, call netsmtp.runner or read the spool, print one line per
+message, return an exit code.  No delivery logic here.
+"""
+
+import json
+import sys
+import time
+
+from .cli import EX_TEMPFAIL, Parser, add_options, options_from, setup_logging
+
+SEND_OPTIONS = (
+    "smarthost", "smarthost_tls", "smarthost_ca", "smarthost_user", "smarthost_password_file",
+    "smarthost_auth_plaintext", "smarthost_timeout", "maildir_root", "routes",
+    "retry_initial", "retry_max", "max_queue_lifetime", "hostname", "local_domains",
+    "log_level", "syslog")
+# Fewer messages than this finish before a progress bar would help.
+PROGRESS_MIN = 20
+
+
+class Progress:
+    """A one-line bar under the output lines, drawn only on a terminal."""
+
+    def __init__(self, total, stream, enabled):
+        self.total, self.stream, self.enabled, self.done = total, stream, enabled, 0
+
+    def line(self, text):
+        self.done += 1
+        if self.enabled:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        if self.enabled:
+            width = 40
+            filled = width * self.done // max(self.total, 1)
+            self.stream.write("[%s%s] %d/%d" % ("#" * filled, "." * (width - filled),
+                                                self.done, self.total))
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def send_main(argv=None, runner_class=None):
+    """netsmtp-send: deliver spool entries; exit 0, 75 if any deferred, 1 on errors."""
+    from .runner import QueueRunner
+    from .spool import resolve
+    parser = Parser(prog="netsmtp-send", description=(
+        "Deliver spooled messages: each PATH is a spool entry (spool/ID.msg or "
+        "spool/ID.state) or a spool directory for all its entries."))
+    parser.add_argument("paths", nargs="+", metavar="PATH")
+    parser.add_argument("--due", action="store_true",
+                        help="only entries whose next attempt time has come, oldest first")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say what each entry would do; change nothing")
+    add_options(parser, SEND_OPTIONS)
+    args = parser.parse_args(argv)
+    options = options_from(parser, args)
+    setup_logging(options)
+    try:
+        runner = (runner_class or QueueRunner)(options, due_only=args.due, dry_run=args.dry_run)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    entries, problems, spools = resolve(args.paths)
+    for problem in problems:
+        print("netsmtp-send: error: %s" % problem, file=sys.stderr)
+    if not args.dry_run:
+        for spool in spools:
+            spool.clean()
+    failed = bool(problems)
+    deferred = False
+    out = sys.stdout
+    progress = Progress(len(entries), out, out.isatty() and len(entries) >= PROGRESS_MIN)
+    try:
+        with runner:
+            for outcome in runner.run(entries):
+                progress.line(str(outcome))
+                failed = failed or outcome.failed
+                deferred = deferred or outcome.deferred
+    finally:
+        progress.close()
+    return 1 if failed else EX_TEMPFAIL if deferred else 0
+
+
+def queue_main(argv=None):
+    """netsmtp-queue: list the queue like mailq, or as JSON with --json."""
+    from .spool import Spool
+    parser = Parser(prog="netsmtp-queue", description="List the messages in the spool.")
+    add_options(parser, ("spool",))
+    parser.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    args = parser.parse_args(argv)
+    options = options_from(parser, args)
+    spool = Spool(options.spool)
+    entries, broken = [], 0
+    try:
+        for queue_id, envelope in spool.envelopes():
+            if isinstance(envelope, ValueError):
+                print("netsmtp-queue: %s: unreadable entry: %s" % (queue_id, envelope),
+                      file=sys.stderr)
+                broken += 1
+            else:
+                entries.append(envelope)
+    except OSError as exc:
+        print("netsmtp-queue: error: %s: %s" % (options.spool, exc.strerror or exc),
+              file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump([e.describe() for e in entries], sys.stdout, indent=1, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print_queue(entries, sys.stdout)
+    return 1 if broken else 0
+
+
+def print_queue(entries, out):
+    """The queue like sendmail's mailq: an entry, then a line per recipient."""
+    from .replies import printable
+    if not entries:
+        out.write("Mail queue is empty\n")
+        return
+    out.write("%-24s %9s  %-19s  %s\n" % ("Queue ID", "Size", "Arrival", "Sender/Recipient"))
+    recipients = 0
+    for e in entries:
+        out.write("%-24s %9d  %-19s  <%s>%s\n" % (
+            e.id, e.size, _when(e.arrival), printable(e.sender),
+            "  attempts %d, next %s" % (e.attempts, _when(e.due_at)) if e.attempts else ""))
+        for r in e.recipients:
+            status = e.status[r]
+            recipients += 1
+            out.write("%57s %-9s <%s>%s\n" % ("", status["status"], printable(r),
+                                             "  (%s)" % printable(status["error"])
+                                             if status["error"] else ""))
+    out.write("-- %d Kbytes in %d Request%s, %d recipient%s.\n" % (
+        (sum(e.size for e in entries) + 1023) // 1024, len(entries),
+        "" if len(entries) == 1 else "s", recipients, "" if recipients == 1 else "s"))
+
+
+def _when(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"

@@ -1,0 +1,248 @@
+"""The queue runner: claim each entry, deliver, record, bounce, remove.
+
+What netsmtp-send does for each entry, under its claim (netsmtp.spool):
+thaw it, try each pending recipient once, record every outcome, bounce
+the recipients that failed for good (or whose time ran out), then either
+remove the entry (every recipient delivered or bounced) or write its state
+with the next attempt time (exponential backoff).
+"""
+
+import logging
+import os
+import time
+
+from .bounce import spool_bounce
+from .delivery import MaildirDelivery, Result, Routes
+from .envelope import BOUNCED, DEFERRED, DROPPED, FAILED, PENDING, Envelope
+from .replies import printable
+from .send import SmarthostDelivery
+from .spool import Busy, Spool
+
+log = logging.getLogger("netsmtp.runner")
+
+
+class Outcome:
+    """What happened to one entry in a run.
+
+    state is "sent" (an attempt was made), "busy" (another sender had it),
+    "gone" (finished by another sender), "not-due", "quarantined" or
+    "planned" (--dry-run); results is {recipient: (status, Result or None)}.
+    """
+
+    def __init__(self, queue_id, state, envelope=None, results=None, note=None):
+        self.id, self.state, self.envelope, self.note = queue_id, state, envelope, note
+        self.results = results or {}
+
+    @property
+    def deferred(self):
+        return any(status == DEFERRED for status, _ in self.results.values())
+
+    @property
+    def failed(self):
+        return self.state in ("quarantined", "error")
+
+    def __str__(self):
+        if not self.results:
+            return "%s: %s%s" % (self.id, self.state, " (%s)" % self.note if self.note else "")
+        return "%s: %s" % (self.id, "; ".join(
+            "<%s> %s%s" % (printable(r), status, " (%s)" % printable(result) if result else "")
+            for r, (status, result) in self.results.items()))
+
+
+class QueueRunner:
+    """Sends spool entries; one instance per run, closed at the end.
+
+    Class variables that may be overridden:
+        envelope_class  the Envelope subclass thawed for each entry
+        deliveries      route name -> Delivery class; add your own here
+
+    Use as a context manager, or call close() to end the deliveries'
+    connections.
+    """
+
+    envelope_class = Envelope
+    deliveries = {"smarthost": SmarthostDelivery, "maildir": MaildirDelivery}
+
+    def __init__(self, options, due_only=False, dry_run=False):
+        self.options = options
+        self.due_only = due_only
+        self.dry_run = dry_run
+        self.route = Routes(options)
+        unknown = self.route.names() - set(self.deliveries)
+        if unknown:
+            raise ValueError("routes: unknown delivery %r (known: %s)" % (
+                sorted(unknown)[0], ", ".join(sorted(self.deliveries))))
+        self._deliveries = {}
+
+    def delivery(self, name):
+        """The Delivery for a route name, made on first use."""
+        if name not in self._deliveries:
+            self._deliveries[name] = self.deliveries[name](self.options)
+        return self._deliveries[name]
+
+    def close(self):
+        for delivery in self._deliveries.values():
+            delivery.close()
+        self._deliveries.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- a run -----------------------------------------------------------------
+
+    def run(self, entries):
+        """Send entries [(Spool, id)]; yields an Outcome for each."""
+        entries = list(entries)
+        if self.due_only:
+            entries = self.due(entries)
+        for spool, queue_id in entries:
+            yield self.send_entry(spool, queue_id)
+
+    def due(self, entries, now=None):
+        """The entries whose next attempt has come, oldest first."""
+        now = time.time() if now is None else now
+        due = []
+        for spool, queue_id in entries:
+            try:
+                envelope = self.envelope_class.thaw(spool.entry_path(queue_id))
+            except (OSError, ValueError):
+                due.append((0, spool, queue_id))  # gone, or quarantined when sent
+                continue
+            if envelope.due_at <= now:
+                due.append((envelope.arrival or 0, spool, queue_id))
+        due.sort(key=lambda item: (item[0], item[2]))
+        return [(spool, queue_id) for _, spool, queue_id in due]
+
+    def send_entry(self, spool, queue_id):
+        """Claim and send one entry by id; an Outcome, never an exception for bad data."""
+        if self.dry_run:
+            return self.plan(spool, queue_id)
+        try:
+            with spool.claim(queue_id):
+                try:
+                    envelope = self.envelope_class.thaw(spool.entry_path(queue_id))
+                except FileNotFoundError:
+                    return Outcome(queue_id, "gone")
+                except ValueError as exc:
+                    spool.quarantine(queue_id, exc)
+                    return Outcome(queue_id, "quarantined", note=str(exc))
+                return self.attempt(spool, envelope)
+        except Busy:
+            return Outcome(queue_id, "busy", note="claimed by another sender")
+        except OSError as exc:
+            log.error("%s: %s", queue_id, exc)
+            return Outcome(queue_id, "error", note=printable(exc))
+
+    def send(self, envelope):
+        """Claim and send a thawed envelope (Envelope.send() comes here)."""
+        spool = Spool(os.path.dirname(envelope.path) or ".")
+        try:
+            with spool.claim(envelope.id):
+                if not os.path.exists(envelope.path):
+                    return Outcome(envelope.id, "gone")
+                envelope.load_state()
+                return self.attempt(spool, envelope)
+        except Busy:
+            return Outcome(envelope.id, "busy", note="claimed by another sender")
+
+    def attempt(self, spool, envelope, now=None):
+        """One delivery attempt of a claimed entry, recorded in the spool."""
+        now = time.time() if now is None else now
+        if self.due_only and envelope.due_at > now:
+            return Outcome(envelope.id, "not-due", envelope)
+        pending = envelope.recipients_in(PENDING, DEFERRED)
+        results = {}
+        if pending:
+            try:
+                results = envelope.deliver(pending, self)
+            except Exception:
+                log.exception("%s: delivery failed", envelope.id)
+                results = {}
+            missing = Result(451, "4.3.0 local error in delivery")
+            results = {r: results.get(r, missing) for r in pending}
+            envelope.attempts += 1
+            envelope.last_attempt = now
+        deferred = []
+        for recipient, result in results.items():
+            envelope.status[recipient] = {"status": result.status, "error": str(result)}
+            if result.status == DEFERRED:
+                deferred.append(recipient)
+                envelope.last_error = str(result)
+            log.debug("%s: <%s> %s: %s", envelope.id, printable(recipient), result.status,
+                     printable(result))
+        if deferred and now - (envelope.arrival or now) >= self.options.max_queue_lifetime:
+            days = self.options.max_queue_lifetime / 86400
+            for recipient in deferred:
+                # RFC 3463: 4.4.7, delivery time expired.
+                last = envelope.status[recipient]["error"]
+                envelope.status[recipient] = {"status": FAILED, "error": "%s 4.4.7 message "
+                                              "expired after %g days in the queue; last error: %s"
+                                              % (last[:3], days, last)}
+            deferred = []
+        if envelope.sender and envelope.recipients_in(FAILED) and not envelope.finished:
+            # Record the deliveries first, so a failing bounce repeats none.
+            spool.write_state(envelope.id, envelope.freeze_state())
+        self.bounce(spool, envelope, now)
+        if envelope.finished:
+            spool.remove(envelope.id)
+        else:
+            if deferred:
+                envelope.next_attempt = self.next_attempt(envelope, now)
+            spool.write_state(envelope.id, envelope.freeze_state())
+        outcome = {r: (envelope.status[r]["status"], results.get(r)) for r in envelope.recipients
+                   if r in results or envelope.status[r]["status"] in (BOUNCED, DROPPED)}
+        return Outcome(envelope.id, "sent", envelope, outcome)
+
+    def next_attempt(self, envelope, now):
+        """Exponential backoff: retry_initial doubling to retry_max, never past expiry."""
+        delay = min(self.options.retry_initial * 2 ** max(envelope.attempts - 1, 0),
+                    self.options.retry_max)
+        expiry = (envelope.arrival or now) + self.options.max_queue_lifetime
+        return max(min(now + delay, expiry), now)
+
+    def bounce(self, spool, envelope, now):
+        """Bounce the recipients that failed for good, or drop them for a <> sender."""
+        failed = envelope.recipients_in(FAILED)
+        if not failed:
+            return
+        if not envelope.sender:
+            # RFC 5321 section 4.5.5: a notification is never sent about a
+            # notification; the failure is logged and the recipient dropped.
+            for recipient in failed:
+                log.warning("%s: <%s> failed, sender is <>, not bounced: %s", envelope.id,
+                            printable(recipient), printable(envelope.status[recipient]["error"]))
+                envelope.status[recipient]["status"] = DROPPED
+            return
+        failures = {}
+        for recipient in failed:
+            error = envelope.status[recipient]["error"] or "500 5.0.0 failed"
+            code, _, text = error.partition(" ")
+            failures[recipient] = Result(int(code) if code.isdigit() else 500, text)
+        bounce_id = spool_bounce(spool, envelope, failures, self.options.hostname, now)
+        log.info("%s: bounced %s to <%s> as %s", envelope.id,
+                 ",".join("<%s>" % printable(r) for r in failed), printable(envelope.sender),
+                 bounce_id)
+        for recipient in failed:
+            envelope.status[recipient]["status"] = BOUNCED
+
+    def plan(self, spool, queue_id, now=None):
+        """What sending would do, changing nothing (--dry-run)."""
+        now = time.time() if now is None else now
+        try:
+            envelope = self.envelope_class.thaw(spool.entry_path(queue_id))
+        except FileNotFoundError:
+            return Outcome(queue_id, "gone")
+        except ValueError as exc:
+            return Outcome(queue_id, "would quarantine", note=str(exc))
+        if self.due_only and envelope.due_at > now:
+            return Outcome(queue_id, "not-due", envelope)
+        results = {}
+        for recipient in envelope.recipients_in(PENDING, DEFERRED):
+            results[recipient] = ("would send", self.delivery(self.route(recipient)).describe())
+        for recipient in envelope.recipients_in(FAILED):
+            results[recipient] = ("would bounce", envelope.status[recipient]["error"])
+        return Outcome(queue_id, "planned", envelope, results)
+

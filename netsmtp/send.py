@@ -1,0 +1,246 @@
+"""Forwarding to a smarthost with smtplib, one recipient outcome at a time.
+
+The connection is kept open for the whole queue run and reused message
+after message.  DATA is streamed from the spool file with dot-stuffing
+(RFC 5321 section 4.5.2), so memory stays bounded whatever the size.
+"""
+
+import logging
+import smtplib
+import ssl
+
+from .delivery import Delivery, Result
+from .replies import printable
+
+log = logging.getLogger("netsmtp.send")
+
+CHUNK = 64 * 1024
+TLS_MODES = ("off", "opportunistic", "required")
+
+
+class SmarthostUnusable(Exception):
+    """The smarthost cannot take mail in this run; carries the Result to defer with."""
+
+    def __init__(self, result):
+        super().__init__(str(result))
+        self.result = result
+
+
+class SmarthostDelivery(Delivery):
+    """Relays to options.smarthost.
+
+    STARTTLS follows options.smarthost_tls: "off" never, "opportunistic"
+    when offered, "required" or defer.  Certificates are always verified
+    (the system CAs, or options.smarthost_ca).  AUTH is used when a user is
+    configured, and only over TLS unless smarthost_auth_plaintext is set.
+    A smarthost that cannot be reached, or refuses TLS or AUTH, defers all
+    mail for the rest of the run without being tried again.
+
+    Methods that may be extended:
+        connect()       an smtplib.SMTP after EHLO, STARTTLS and AUTH
+    """
+
+    name = "smarthost"
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.smtp = None
+        self.unusable = None
+        self.data_started = False
+        self.where = "%s:%d" % options.smarthost if options.smarthost else None
+
+    def describe(self):
+        return "smarthost %s" % (self.where or "(none configured)")
+
+    def deliver(self, envelope, recipients):
+        if self.options.smarthost is None:
+            return dict.fromkeys(recipients, Result(451, "4.3.5 no smarthost configured"))
+        for attempt in (1, 2):
+            reused = self.smtp is not None
+            results = {}
+            self.data_started = False
+            try:
+                if self.unusable is not None:
+                    raise self.unusable
+                if self.smtp is None:
+                    self.smtp = self.connect()
+                self.transaction(self.smtp, envelope, recipients, results)
+                return results
+            except SmarthostUnusable as exc:
+                self.unusable = exc
+                return dict.fromkeys(recipients, exc.result)
+            except (OSError, smtplib.SMTPException) as exc:
+                self.drop()
+                if reused and not results and not self.data_started and attempt == 1:
+                    continue  # the kept connection went stale; one fresh try
+                error = Result(451, "4.4.2 smarthost %s: %s" % (
+                    self.where, printable(exc) or type(exc).__name__))
+                log.warning("%s: %s", envelope.id, error)
+                return {r: results.get(r, error) for r in recipients}
+
+    def connect(self):
+        host, port = self.options.smarthost
+        where = self.where
+        try:
+            smtp = smtplib.SMTP(host, port, local_hostname=self.options.hostname,
+                                timeout=self.options.smarthost_timeout)
+        except (OSError, smtplib.SMTPException) as exc:
+            raise SmarthostUnusable(Result(451, "4.4.1 smarthost %s unreachable: %s" % (
+                where, printable(exc) or type(exc).__name__))) from None
+        try:
+            smtp.ehlo()
+            mode = self.options.smarthost_tls
+            if mode != "off" and smtp.has_extn("starttls"):
+                context = ssl.create_default_context(cafile=self.options.smarthost_ca)
+                try:
+                    smtp.starttls(context=context)
+                except ssl.SSLError as exc:
+                    raise SmarthostUnusable(Result(451, "4.7.5 smarthost %s TLS failed: %s" % (
+                        where, printable(exc)))) from None
+                smtp.ehlo()
+            elif mode == "required":
+                raise SmarthostUnusable(Result(451, "4.7.10 smarthost %s does not offer "
+                                               "STARTTLS (smarthost_tls = required)" % where))
+            if self.options.smarthost_user:
+                self.login(smtp, where)
+        except BaseException:
+            smtp.close()
+            raise
+        log.info("connected to smarthost %s%s", where, " with TLS" if smtp.sock and
+                 isinstance(smtp.sock, ssl.SSLSocket) else "")
+        return smtp
+
+    def login(self, smtp, where):
+        """AUTH (RFC 4954), never in the clear unless explicitly allowed."""
+        if not isinstance(smtp.sock, ssl.SSLSocket) and not self.options.smarthost_auth_plaintext:
+            raise SmarthostUnusable(Result(451, "4.7.11 refusing AUTH to smarthost %s "
+                                           "without TLS (smarthost_auth_plaintext)" % where))
+        password = ""
+        if self.options.smarthost_password_file:
+            try:
+                with open(self.options.smarthost_password_file, encoding="utf-8") as f:
+                    password = f.readline().rstrip("\r\n")
+            except OSError as exc:
+                raise SmarthostUnusable(Result(451, "4.7.0 cannot read the smarthost "
+                                               "password file: %s" % exc.strerror)) from None
+        try:
+            smtp.login(self.options.smarthost_user, password)
+        except smtplib.SMTPException as exc:
+            code = getattr(exc, "smtp_code", 0)
+            text = _text(getattr(exc, "smtp_error", b"")) or str(exc)
+            raise SmarthostUnusable(Result(451, "4.7.8 smarthost %s refused AUTH: %s %s" % (
+                where, code or "", text))) from None
+
+    def transaction(self, smtp, envelope, recipients, results):
+        """One MAIL..DATA for recipients, filling results as replies come.
+
+        Only final outcomes go into results: a 5xx RCPT at once, accepted
+        recipients when DATA is answered; on a lost connection the rest are
+        deferred by the caller.
+        """
+        params = envelope.params
+        mail_options = []
+        if smtp.has_extn("size"):
+            mail_options.append("SIZE=%d" % envelope.size)
+        if params.get("BODY") == "8BITMIME":
+            if not smtp.has_extn("8bitmime"):
+                # RFC 6152 section 3: no 8-bit relaying to a 7-bit server.
+                results.update(dict.fromkeys(recipients, Result(
+                    554, "5.6.3 smarthost does not support 8BITMIME")))
+                return
+            mail_options.append("BODY=8BITMIME")
+        smtp.command_encoding = "ascii"
+        if params.get("SMTPUTF8"):
+            if not smtp.has_extn("smtputf8"):
+                # RFC 6531 section 3.2: the message cannot be relayed as is.
+                results.update(dict.fromkeys(recipients, Result(
+                    553, "5.6.7 smarthost does not support SMTPUTF8")))
+                return
+            mail_options.append("SMTPUTF8")
+            smtp.command_encoding = "utf-8"
+        reply = _reply(smtp.docmd("MAIL", "FROM:<%s>%s" % (
+            envelope.sender, "".join(" " + o for o in mail_options))))
+        if not 200 <= reply.code < 300:
+            results.update(dict.fromkeys(recipients, reply))
+            self.reset(smtp)
+            return
+        accepted = []
+        for recipient in recipients:
+            reply = _reply(smtp.docmd("RCPT", "TO:<%s>" % recipient))
+            if 200 <= reply.code < 300:
+                accepted.append(recipient)
+            else:
+                results[recipient] = reply
+        if not accepted:
+            self.reset(smtp)
+            return
+        reply = _reply(smtp.docmd("DATA"))
+        if reply.code != 354:
+            if reply.code < 400:
+                reply = Result(451, "4.5.0 unexpected reply to DATA: %s" % (reply,))
+            results.update(dict.fromkeys(accepted, reply))
+            self.reset(smtp)
+            return
+        self.data_started = True
+        with envelope.open() as message:
+            send_data(smtp, message)
+        reply = _reply(smtp.getreply())
+        results.update(dict.fromkeys(accepted, reply))
+
+    def reset(self, smtp):
+        smtp.rset()
+
+    def drop(self):
+        if self.smtp is not None:
+            try:
+                self.smtp.close()
+            except OSError:
+                pass
+            self.smtp = None
+
+    def close(self):
+        if self.smtp is not None:
+            try:
+                self.smtp.quit()
+            except (OSError, smtplib.SMTPException):
+                pass
+        self.drop()
+
+
+def send_data(smtp, message):
+    """Stream message (CRLF lines) as DATA text: dot-stuffed, then CRLF.CRLF.
+
+    The spool holds CRLF-only lines (netsmtp.wire checks them on the way
+    in); lines are read with a bound, so memory stays small.
+    """
+    out = bytearray()
+    line_start = True
+    last = b"\r\n"
+    while True:
+        line = message.readline(CHUNK)
+        if not line:
+            break
+        if line_start and line[:1] == b".":
+            out += b"."
+        out += line
+        line_start = line.endswith(b"\n")
+        last = line
+        if len(out) >= CHUNK:
+            smtp.send(bytes(out))
+            out.clear()
+    if not last.endswith(b"\r\n"):
+        out += b"\r\n"
+    out += b".\r\n"
+    smtp.send(bytes(out))
+
+
+def _text(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join(str(value).split())
+
+
+def _reply(code_text):
+    """smtplib's (code, bytes) as a Result on one printable line."""
+    code, text = code_text
+    return Result(code, printable(_text(text)))
