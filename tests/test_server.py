@@ -203,3 +203,15 @@ def test_swaks_full_session(server):
     path = os.path.join(server.spool, envelope.id + ".msg")
     message = open(path, "rb").read()
     assert b"Subject: from swaks" in message and b"\r\n.leading dot\r\n" in message
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reused", "per-message"])
+def test_smtp_source_load(server, reuse):
+    """Postfix's smtp-source, 5 parallel sessions, 40 messages: all 40 spooled."""
+    source = need_tool("smtp-source")
+    args = [source, "-s", "5", "-m", "40", "-l", "2048", "-M", "source.test",
+            "-f", "a@source.test", "-t", "u@mx.test", *(["-d"] if reuse else []),
+            "127.0.0.1:%d" % server.port]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(entries(server.spool)) == 40
