@@ -13,6 +13,7 @@ setup(
     extras_require={"test": ["pytest", "hypothesis", "trustme"]},
     entry_points={"console_scripts": [
         "netsmtp = netsmtp.cli:main",
+        "netsmtp-passwd = netsmtp.cli:passwd",
         "netsmtp-send = netsmtp.queue_cli:send_main",
         "netsmtp-queue = netsmtp.queue_cli:queue_main",
     ]},

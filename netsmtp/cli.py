@@ -98,6 +98,10 @@ def main(argv=None):
     parser.add_argument("--version", action="version", version="netsmtp " + __version__)
     args = parser.parse_args(argv)
     options = options_from(parser, args)
+    if options.tls_on_connect and not options.tls_cert:
+        parser.error("--tls-on-connect needs --tls-cert")
+    if options.require_auth and not options.auth_file:
+        parser.error("--require-auth needs --auth-file")
     setup_logging(options, protocol_on_stdio=options.stdin)
 
     from .spool import Spool
@@ -120,6 +124,15 @@ def main(argv=None):
         serve_stdin(options, spool)
         return 0
 
+    if options.tls_cert:
+        # Fail at start, not at the first STARTTLS; sessions reload it later.
+        from .tls import TLSConfigError, server_context
+        try:
+            server_context(options.tls_cert, options.tls_key)
+        except TLSConfigError as exc:
+            print("netsmtp: error: %s" % exc, file=sys.stderr)
+            return 1
+
     if options.workers:
         from .prefork import PreforkServer as Server
     else:
@@ -134,4 +147,31 @@ def main(argv=None):
     log.info("listening on %s:%d spool=%s hostname=%s workers=%s", host, port,
              options.spool, options.hostname, options.workers or "fork")
     server.serve()
+    return 0
+
+
+def passwd(argv=None):
+    """netsmtp-passwd USER: print a user:hash line for --auth-file.
+
+    The password is read from stdin, or asked for twice on a terminal.
+    """
+    parser = Parser(prog="netsmtp-passwd",
+                    description="Print a user:hash line for netsmtp --auth-file.")
+    parser.add_argument("user", help="the user name (no colon, no line break)")
+    args = parser.parse_args(argv)
+    if ":" in args.user or not args.user.isprintable():
+        parser.error("the user name must be printable and hold no colon")
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("Password for %s: " % args.user)
+        if getpass.getpass("Again: ") != password:
+            print("netsmtp-passwd: error: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("netsmtp-passwd: error: empty password", file=sys.stderr)
+        return 1
+    from .auth import hash_password
+    print("%s:%s" % (args.user, hash_password(password)))
     return 0

@@ -24,6 +24,7 @@ import struct
 import time
 
 from .inetd import stop_on_signals
+from .limits import SharedLimits, limits_configured, refuse_connection
 from .server import SessionHandler
 from .session import Session
 
@@ -290,13 +291,22 @@ class Worker:
 
     def handle(self, request, client_address):
         """Serve one connection, then close it; errors end it, not the worker."""
+        # Workers share nothing, so the per-client limits live in the spool.
+        limits = SharedLimits(self.options) if limits_configured(self.options) else None
+        reason = None
         try:
+            reason = limits.admit(client_address[0]) if limits else None
+            if reason is not None:
+                refuse_connection(request, self.options, reason)
+                return
             handler = SessionHandler(request, client_address, self)
             if handler.session.stopping:
                 self.stop_requested = True
         except Exception:
             log.exception("error serving %s", client_address)
         finally:
+            if limits is not None and reason is None:
+                limits.release(client_address[0])
             self.listen_to_signals()
             try:
                 request.shutdown(socket.SHUT_WR)

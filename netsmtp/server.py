@@ -38,8 +38,7 @@ class SessionHandler(socketserver.StreamRequestHandler):
         if self.server.stop_requested:
             session.stopping = True
         session.handle()
-        if session.tls:
-            transport.close()  # the TLS socket; the runner closes the plain one
+        transport.close()  # after STARTTLS the runner's socket is no longer it
 
 
 class ForkingServer(socketserver.ForkingTCPServer):

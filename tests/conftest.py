@@ -161,3 +161,25 @@ def server_factory(tmp_path):
 def server(server_factory):
     """A forking netsmtp server on a free port; .port, .spool, .stop()."""
     return server_factory()
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """A trustme test CA and a server certificate for mx.test: (ca, cert, key)."""
+    import trustme
+    ca = trustme.CA()
+    issued = ca.issue_cert("mx.test", "127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    for pem in issued.cert_chain_pems[1:]:
+        pem.write_to_path(str(cert), append=True)
+    issued.private_key_pem.write_to_path(str(key))
+    return ca, str(cert), str(key)
+
+
+def client_context(ca):
+    """A client SSLContext trusting only the test CA."""
+    import ssl
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
