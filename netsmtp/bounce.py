@@ -88,7 +88,7 @@ def build_dsn(envelope, failures, hostname, now=None):
         block["Final-Recipient"] = "%s; %s" % (address_type(recipient), recipient)
         block["Action"] = "failed"
         block["Status"] = status_code(result)
-        block["Diagnostic-Code"] = "smtp; %s" % result
+        block["Diagnostic-Code"] = "smtp; %s" % (result,)
         block["Last-Attempt-Date"] = formatdate(now, localtime=True)
         blocks.append(block)
     status.set_payload(blocks)

@@ -101,6 +101,7 @@ class MaildirDelivery(Delivery):
             return Result(550, "5.1.1 no mailbox for local part %r" % local)
         path = os.path.join(root, local)
         try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
             folder = mailbox.Maildir(path, create=True)
             prefix = b"Return-Path: <%s>\r\nDelivered-To: %s\r\n" % (
                 envelope.sender.encode(), recipient.encode())

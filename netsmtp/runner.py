@@ -135,6 +135,9 @@ class QueueRunner:
         except OSError as exc:
             log.error("%s: %s", queue_id, exc)
             return Outcome(queue_id, "error", note=printable(exc))
+        except Exception as exc:
+            log.exception("%s: internal error", queue_id)
+            return Outcome(queue_id, "error", note="internal error: %s" % type(exc).__name__)
 
     def send(self, envelope):
         """Claim and send a thawed envelope (Envelope.send() comes here)."""

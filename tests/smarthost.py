@@ -108,7 +108,7 @@ class CaptureServer(socketserver.ThreadingTCPServer):
         self.data_reply = "250 2.0.0 queued"
         self.messages, self.commands = [], []
         self.port = self.server_address[1]
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self):
         self.thread.start()
