@@ -1,0 +1,152 @@
+"""The loads: each runs once against a started peer and returns its figures.
+
+smtp-source does the message loads (-d reuses connections, -s runs sessions
+in parallel, -m counts the messages of all sessions together); a small
+Python client sends the 100 MB message, so the receiving process can be
+measured while the connection is still open.
+"""
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+from peers import DOMAIN, peak_rss_kb, process_tree, tool
+
+MESSAGE_SIZE = 2048
+
+
+class LoadFailed(Exception):
+    """The load generator reported an error; the figure is not valid."""
+
+
+def smtp_source(port, messages, sessions, reuse, size=MESSAGE_SIZE):
+    """Seconds for smtp-source to send messages over sessions parallel sessions."""
+    args = [tool("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
+            "-f", "sender@client.test", "-t", "user@" + DOMAIN, "-M", "client.test"]
+    if reuse:
+        args.append("-d")
+    started = time.perf_counter()
+    result = subprocess.run(args + ["127.0.0.1:%d" % port], capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0 or "fatal" in result.stderr or "error" in result.stderr:
+        raise LoadFailed(result.stderr.strip()[-300:] or "exit %d" % result.returncode)
+    return elapsed
+
+
+class Messages:
+    """2 KB messages: reused connections (-d) or one message per connection."""
+
+    unit = "msg/s"
+
+    def __init__(self, name, sessions, reuse, messages):
+        self.name, self.sessions, self.reuse, self.messages = name, sessions, reuse, messages
+
+    def run(self, peer):
+        elapsed = smtp_source(peer.port, self.messages, self.sessions, self.reuse)
+        stored = peer.stored()
+        if stored is not None and stored != self.messages:
+            raise LoadFailed("%d messages stored, %d sent" % (stored, self.messages))
+        peer.forget_messages()
+        return {"value": self.messages / elapsed}
+
+
+def reply(reader):
+    """Read one reply; returns (code, last line)."""
+    while True:
+        line = reader.readline()
+        if not line:
+            raise LoadFailed("connection closed")
+        if line[3:4] != b"-":
+            return int(line[:3]), line
+
+
+def expect(reader, code):
+    got, line = reply(reader)
+    if got != code:
+        raise LoadFailed("expected %d, got %r" % (code, line[:200]))
+
+
+class BigMessage:
+    """One large message: wall time to 250 and the receiver's peak RSS."""
+
+    unit = "s"
+
+    def __init__(self, name, size):
+        self.name, self.size = name, size
+
+    def run(self, peer):
+        line = b"x" * 998 + b"\r\n"   # RFC 5321 section 4.5.3.1.6: 1000 with CRLF
+        chunk = line * 1024
+        with socket.create_connection(("127.0.0.1", peer.port), timeout=600) as sock:
+            reader = sock.makefile("rb")
+            expect(reader, 220)
+            sock.sendall(b"EHLO client.test\r\n")
+            expect(reader, 250)
+            sock.sendall(b"MAIL FROM:<sender@client.test> SIZE=%d\r\n" % self.size)
+            expect(reader, 250)
+            sock.sendall(b"RCPT TO:<user@%s>\r\n" % DOMAIN.encode())
+            expect(reader, 250)
+            sock.sendall(b"DATA\r\n")
+            expect(reader, 354)
+            started = time.perf_counter()
+            sock.sendall(b"Subject: big\r\n\r\n")
+            sent = 0
+            while sent < self.size:
+                sock.sendall(chunk)
+                sent += len(chunk)
+            sock.sendall(b".\r\n")
+            expect(reader, 250)
+            elapsed = time.perf_counter() - started
+            # The session is still open, so its process is still there to measure.
+            rss_kb, _ = peak_rss_kb(process_tree(peer.root_pid))
+            sock.sendall(b"QUIT\r\n")
+            reply(reader)
+            reader.close()
+        peer.forget_messages()
+        return {"value": elapsed, "rss_mb": rss_kb / 1024}
+
+
+class StdinStartup:
+    """netsmtp --stdin under tcpserver: connections/s and CPU per connection."""
+
+    unit = "conn/s"
+
+    def __init__(self, name, connections):
+        self.name, self.connections = name, connections
+
+    def run(self, peer):
+        before = peer.children_cpu_seconds()
+        elapsed = smtp_source(peer.port, self.connections, 1, reuse=False)
+        time.sleep(0.2)  # let tcpserver reap the last session
+        cpu = peer.children_cpu_seconds() - before
+        return {"value": self.connections / elapsed,
+                "cpu_ms": 1000 * cpu / self.connections}
+
+
+def python_pass_floor(count):
+    """`python3 -c pass` in a loop: runs/s and CPU per run, the start-up floor."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    for _ in range(count):
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"value": count / elapsed, "cpu_ms": 1000 * cpu / count}
+
+
+def loads(quick):
+    """The loads by name; quick mode sends far fewer messages."""
+    n = 200 if quick else 3000
+    one = 100 if quick else 1000
+    return {load.name: load for load in (
+        Messages("reused-1", 1, True, n),
+        Messages("reused-10", 10, True, n),
+        Messages("reused-50", 50, True, n),
+        Messages("perconn-1", 1, False, one // 2),
+        Messages("perconn-20", 20, False, one),
+        BigMessage("big-100MB", (10 if quick else 100) * 1024 * 1024),
+    )}
