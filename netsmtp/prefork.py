@@ -305,9 +305,9 @@ class Worker:
         except Exception:
             log.exception("error serving %s", client_address)
         finally:
+            self.listen_to_signals()
             if limits is not None and reason is None:
                 limits.release(client_address[0])
-            self.listen_to_signals()
             try:
                 request.shutdown(socket.SHUT_WR)
             except OSError:
