@@ -21,7 +21,6 @@ log = logging.getLogger("netsmtp")
 COMMAND_LINE_LIMIT = 512
 LINE_LIMITS = {"MAIL": COMMAND_LINE_LIMIT + 600, "AUTH": 12288}
 LONGEST_LINE = max(LINE_LIMITS.values())
-MAX_BAD_COMMANDS = 20  # the default of options.max_bad_commands
 FREE_ERRORS = 3  # refusals before the tarpit's delay starts
 MAX_ERROR_DELAY = 10.0  # seconds; the tarpit's delay stops growing here
 MAX_AUTH_DELAY = 30.0  # seconds; the delay of a failed AUTH stops growing here
