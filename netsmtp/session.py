@@ -262,7 +262,7 @@ class Session(Policy):
         client = "[%s]" % self.peer if self.peer else "local"
         lines = ["Received: from %s (%s)" % (printable(self.helo), printable(client))]
         if self.tls:
-            # As Postfix writes it; RFC 8314 section 4.4 asks for the TLS facts.
+            # As Postfix writes it; RFC 8314 asks for the TLS facts in the trace.
             lines.append("\t(using %(version)s with cipher %(cipher)s (%(bits)s bits))"
                          % self.tls)
         lines += ["\tby %s (netsmtp) with %s id %s" % (

@@ -33,7 +33,7 @@ def server_context(cert, key=None):
     # PROTOCOL_TLS_SERVER with create_default_context's choices: no SSLv3,
     # no compression, server cipher order, forward-secret AEAD ciphers.
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996, RFC 8314 section 4.1
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996: not 1.0 or 1.1
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(cert, key)
@@ -44,8 +44,3 @@ def server_context(cert, key=None):
     _loaded[(cert, key)] = (stamp, context)
     return context
 
-
-def describe(facts):
-    """The TLS part of a Received header comment (RFC 8314 section 4.4)."""
-    return "using %s with cipher %s (%s bits)" % (
-        facts["version"], facts["cipher"], facts["bits"])
