@@ -96,7 +96,7 @@ class Session(Policy):
 
     def handle(self):
         """Greet, serve commands until QUIT, EOF, timeout or shutdown."""
-        log.info("%s: connect", self.tag)
+        log.debug("%s: connect", self.tag)
         started = time.monotonic()
         self.session_deadline = started + self.options.session_timeout
         try:
@@ -130,8 +130,10 @@ class Session(Policy):
                 self.flush()
             except OSError:
                 pass
-            log.info("%s: disconnect messages=%d seconds=%.3f", self.tag,
-                     self.messages, time.monotonic() - started)
+            # The one line per connection; transactions log their own.
+            log.info("%s: disconnect helo=%s messages=%d errors=%d seconds=%.3f",
+                     self.tag, printable(self.helo), self.messages, self.bad_commands,
+                     time.monotonic() - started)
 
     def handle_command(self):
         """Read one command line, check its sequence and run its verb."""

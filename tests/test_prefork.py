@@ -59,7 +59,7 @@ def expect(reader, code):
 
 def serving_pids(output):
     """The worker pid of each session, in order, from the connect log lines."""
-    return [int(pid) for pid in re.findall(r"netsmtp\[(\d+)\] INFO 127\.0\.0\.1: connect", output)]
+    return [int(pid) for pid in re.findall(r"netsmtp\[(\d+)\] DEBUG 127\.0\.0\.1: connect", output)]
 
 
 def test_smtplib_sessions_through_prefork(server_factory):
