@@ -26,12 +26,14 @@ class Outcome:
 
     state is "sent" (an attempt was made), "busy" (another sender had it),
     "gone" (finished by another sender), "not-due", "quarantined" or
-    "planned" (--dry-run); results is {recipient: (status, Result or None)}.
+    "planned" (--dry-run); results is {recipient: (status, Result or None)};
+    removed is true when the entry left the spool.
     """
 
-    def __init__(self, queue_id, state, envelope=None, results=None, note=None):
+    def __init__(self, queue_id, state, envelope=None, results=None, note=None, removed=False):
         self.id, self.state, self.envelope, self.note = queue_id, state, envelope, note
         self.results = results or {}
+        self.removed = removed
 
     @property
     def deferred(self):
@@ -55,6 +57,7 @@ class QueueRunner:
     Class variables that may be overridden:
         envelope_class  the Envelope subclass thawed for each entry
         deliveries      route name -> Delivery class; add your own here
+        remove_batch    removals that share one directory fsync (see sync())
 
     Use as a context manager, or call close() to end the deliveries'
     connections.
@@ -62,6 +65,7 @@ class QueueRunner:
 
     envelope_class = Envelope
     deliveries = {"smarthost": SmarthostDelivery, "maildir": MaildirDelivery}
+    remove_batch = 32
 
     def __init__(self, options, due_only=False, dry_run=False):
         self.options = options
@@ -73,6 +77,7 @@ class QueueRunner:
             raise ValueError("routes: unknown delivery %r (known: %s)" % (
                 sorted(unknown)[0], ", ".join(sorted(self.deliveries))))
         self._deliveries = {}
+        self._unsynced = []
 
     def delivery(self, name):
         """The Delivery for a route name, made on first use."""
@@ -81,6 +86,7 @@ class QueueRunner:
         return self._deliveries[name]
 
     def close(self):
+        self.sync()
         for delivery in self._deliveries.values():
             delivery.close()
         self._deliveries.clear()
@@ -100,6 +106,7 @@ class QueueRunner:
             entries = self.due(entries)
         for spool, queue_id in entries:
             yield self.send_entry(spool, queue_id)
+        self.sync()
 
     def due(self, entries, now=None):
         """The entries whose next attempt has come, oldest first."""
@@ -120,36 +127,75 @@ class QueueRunner:
         """Claim and send one entry by id; an Outcome, never an exception for bad data."""
         if self.dry_run:
             return self.plan(spool, queue_id)
-        try:
-            with spool.claim(queue_id):
-                try:
-                    envelope = self.envelope_class.thaw(spool.entry_path(queue_id))
-                except FileNotFoundError:
-                    return Outcome(queue_id, "gone")
-                except ValueError as exc:
-                    spool.quarantine(queue_id, exc)
-                    return Outcome(queue_id, "quarantined", note=str(exc))
-                return self.attempt(spool, envelope)
-        except Busy:
-            return Outcome(queue_id, "busy", note="claimed by another sender")
-        except OSError as exc:
-            log.error("%s: %s", queue_id, exc)
-            return Outcome(queue_id, "error", note=printable(exc))
-        except Exception as exc:
-            log.exception("%s: internal error", queue_id)
-            return Outcome(queue_id, "error", note="internal error: %s" % type(exc).__name__)
+        return self.claimed(spool, queue_id, lambda: self.envelope_class.thaw(
+            spool.entry_path(queue_id)))
 
     def send(self, envelope):
         """Claim and send a thawed envelope (Envelope.send() comes here)."""
+        def reload():
+            envelope.load_state()
+            if not os.path.exists(envelope.path):
+                raise FileNotFoundError(envelope.path)
+            return envelope
         spool = Spool(os.path.dirname(envelope.path) or ".")
         try:
-            with spool.claim(envelope.id):
-                if not os.path.exists(envelope.path):
-                    return Outcome(envelope.id, "gone")
-                envelope.load_state()
-                return self.attempt(spool, envelope)
+            return self.claimed(spool, envelope.id, reload)
+        finally:
+            self.sync()
+
+    def claimed(self, spool, queue_id, thaw):
+        """Claim an entry, thaw it under the claim and make one attempt."""
+        claim = spool.claim(queue_id)
+        try:
+            claim.acquire()
         except Busy:
-            return Outcome(envelope.id, "busy", note="claimed by another sender")
+            return Outcome(queue_id, "busy", note="claimed by another sender")
+        outcome = None
+        try:
+            try:
+                envelope = thaw()
+            except FileNotFoundError:
+                outcome = Outcome(queue_id, "gone")
+            except ValueError as exc:
+                spool.quarantine(queue_id, exc)
+                outcome = Outcome(queue_id, "quarantined", note=str(exc))
+            else:
+                outcome = self.attempt(spool, envelope)
+        except OSError as exc:
+            log.error("%s: %s", queue_id, exc)
+            outcome = Outcome(queue_id, "error", note=printable(exc))
+        except Exception as exc:
+            log.exception("%s: internal error", queue_id)
+            outcome = Outcome(queue_id, "error", note="internal error: %s" % type(exc).__name__)
+        finally:
+            if outcome is not None and outcome.removed:
+                self._unsynced.append((spool, queue_id, claim))
+                if len(self._unsynced) >= self.remove_batch:
+                    self.sync()
+            else:
+                claim.release()
+        return outcome
+
+    def sync(self):
+        """Make the removals so far durable (one fsync per spool), then release their claims.
+
+        Group commit: a claim is released only after a directory fsync that
+        followed its removal, so another sender can never see a removed
+        message come back; a crash before the fsync can only mean a message
+        is sent again, never lost.
+        """
+        unsynced, self._unsynced = self._unsynced, []
+        spools = {}
+        for spool, queue_id, _ in unsynced:
+            spools.setdefault(spool, []).append(queue_id)
+        try:
+            for spool, queue_ids in spools.items():
+                spool.finish_removals(queue_ids)
+        except OSError as exc:
+            log.error("cannot sync the spool: %s", exc)
+        finally:
+            for _, _, claim in unsynced:
+                claim.release()
 
     def attempt(self, spool, envelope, now=None):
         """One delivery attempt of a claimed entry, recorded in the spool."""
@@ -190,14 +236,14 @@ class QueueRunner:
             spool.write_state(envelope.id, envelope.freeze_state())
         self.bounce(spool, envelope, now)
         if envelope.finished:
-            spool.remove(envelope.id)
+            spool.unlink_message(envelope.id)  # made durable by sync()
         else:
             if deferred:
                 envelope.next_attempt = self.next_attempt(envelope, now)
             spool.write_state(envelope.id, envelope.freeze_state())
         outcome = {r: (envelope.status[r]["status"], results.get(r)) for r in envelope.recipients
                    if r in results or envelope.status[r]["status"] in (BOUNCED, DROPPED)}
-        return Outcome(envelope.id, "sent", envelope, outcome)
+        return Outcome(envelope.id, "sent", envelope, outcome, removed=envelope.finished)
 
     def next_attempt(self, envelope, now):
         """Exponential backoff: retry_initial doubling to retry_max, never past expiry."""

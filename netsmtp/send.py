@@ -158,27 +158,41 @@ class SmarthostDelivery(Delivery):
                 return
             mail_options.append("SMTPUTF8")
             smtp.command_encoding = "utf-8"
-        reply = _reply(smtp.docmd("MAIL", "FROM:<%s>%s" % (
-            envelope.sender, "".join(" " + o for o in mail_options))))
-        if not 200 <= reply.code < 300:
-            results.update(dict.fromkeys(recipients, reply))
-            self.reset(smtp)
-            return
+        mail = "MAIL FROM:<%s>%s\r\n" % (envelope.sender, "".join(" " + o for o in mail_options))
+        rcpts = ["RCPT TO:<%s>\r\n" % recipient for recipient in recipients]
+        if smtp.has_extn("pipelining"):
+            # RFC 2920 section 3.1: MAIL, the RCPTs and DATA in one group.
+            smtp.send("".join([mail, *rcpts, "DATA\r\n"]))
+            replies = [_reply(smtp.getreply()) for _ in range(len(rcpts) + 2)]
+        else:
+            replies = [self.command(smtp, mail)]
+            if 200 <= replies[0].code < 300:
+                replies += [self.command(smtp, rcpt) for rcpt in rcpts]
+            if any(200 <= reply.code < 300 for reply in replies[1:]):
+                replies.append(self.command(smtp, "DATA\r\n"))
+        mail_reply, rcpt_replies, data_reply = replies[0], replies[1:len(rcpts) + 1], (
+            replies[len(rcpts) + 1] if len(replies) == len(rcpts) + 2 else None)
         accepted = []
-        for recipient in recipients:
-            reply = _reply(smtp.docmd("RCPT", "TO:<%s>" % recipient))
-            if 200 <= reply.code < 300:
+        for recipient, reply in zip(recipients, rcpt_replies):
+            if not 200 <= mail_reply.code < 300:
+                results[recipient] = mail_reply
+            elif 200 <= reply.code < 300:
                 accepted.append(recipient)
             else:
                 results[recipient] = reply
+        if not 200 <= mail_reply.code < 300:
+            results.update(dict.fromkeys(recipients, mail_reply))
+        if data_reply is not None and data_reply.code == 354 and not accepted:
+            # RFC 2920 section 3.1: DATA accepted with no recipient; end it empty.
+            smtp.send(b".\r\n")
+            smtp.getreply()
         if not accepted:
             self.reset(smtp)
             return
-        reply = _reply(smtp.docmd("DATA"))
-        if reply.code != 354:
-            if reply.code < 400:
-                reply = Result(451, "4.5.0 unexpected reply to DATA: %s" % (reply,))
-            results.update(dict.fromkeys(accepted, reply))
+        if data_reply.code != 354:
+            if data_reply.code < 400:
+                data_reply = Result(451, "4.5.0 unexpected reply to DATA: %s" % (data_reply,))
+            results.update(dict.fromkeys(accepted, data_reply))
             self.reset(smtp)
             return
         self.data_started = True
@@ -186,6 +200,10 @@ class SmarthostDelivery(Delivery):
             send_data(smtp, message)
         reply = _reply(smtp.getreply())
         results.update(dict.fromkeys(accepted, reply))
+
+    def command(self, smtp, line):
+        smtp.send(line)
+        return _reply(smtp.getreply())
 
     def reset(self, smtp):
         smtp.rset()

@@ -138,17 +138,31 @@ class Spool:
         fsync_directory(self.path)
 
     def remove(self, queue_id):
-        """Remove a finished entry: the message durably first, then its state.
+        """Remove a finished entry: the message durably first, then its state."""
+        self.unlink_message(queue_id)
+        self.finish_removals([queue_id])
 
-        A crash in between leaves an orphan ID.state, which clean() removes;
-        the other order could leave a message that is sent twice.
+    def unlink_message(self, queue_id):
+        """First half of remove(): the message goes, not yet durably.
+
+        Several removals may share one directory fsync (finish_removals);
+        until then a crash may bring a message back, to be sent again.
         """
         os.unlink(self.entry_path(queue_id))
+
+    def finish_removals(self, queue_ids):
+        """Second half of remove(): fsync the directory, then drop the states.
+
+        A crash in between leaves orphan ID.state files, which clean()
+        removes; the other order could bring back a message without the
+        record of whom it already reached.
+        """
         fsync_directory(self.path)
-        try:
-            os.unlink(self.state_path(queue_id))
-        except FileNotFoundError:
-            pass
+        for queue_id in queue_ids:
+            try:
+                os.unlink(self.state_path(queue_id))
+            except FileNotFoundError:
+                pass
 
     def quarantine(self, queue_id, reason):
         """Move an entry that cannot be parsed out of the queue; never delete it."""
@@ -219,7 +233,8 @@ class Claim:
         self.path = os.path.join(spool.locks, queue_id + LOCK_SUFFIX)
         self.lock = FileLock(self.path, thread_local=False)
 
-    def __enter__(self):
+    def acquire(self):
+        """Take the claim now or raise Busy; never waits."""
         from filelock import Timeout
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         try:
@@ -228,7 +243,7 @@ class Claim:
             raise Busy(self.path) from None
         return self
 
-    def __exit__(self, *exc_info):
+    def release(self):
         # Unlink while still holding the lock: filelock notices a waiter
         # that locked the unlinked file (st_nlink == 0) and starts over.
         try:
@@ -236,6 +251,12 @@ class Claim:
         except OSError:
             pass
         self.lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
 
 
 def resolve(paths):

@@ -1,6 +1,7 @@
 """A small capturing SMTP server for the queue tests: a real peer on port 0.
 
-Replies are scriptable per recipient (`rcpt_replies`) and for DATA; it can
+Replies are scriptable per recipient (`rcpt_replies`), for MAIL and DATA;
+it can offer PIPELINING (RFC 2920: replies in order suffice), and it can
 offer STARTTLS with a trustme certificate and AUTH PLAIN.  Every message
 that gets a 250 after DATA is kept in `messages`.
 """
@@ -38,6 +39,8 @@ class Handler(socketserver.StreamRequestHandler):
             server.commands.append(command)
             if verb in ("EHLO", "HELO"):
                 extensions = ["SIZE 100000000", "8BITMIME", "SMTPUTF8"]
+                if server.pipelining:
+                    extensions.append("PIPELINING")
                 if server.tls_context and not tls:
                     extensions.append("STARTTLS")
                 if server.auth:
@@ -64,13 +67,19 @@ class Handler(socketserver.StreamRequestHandler):
                 sender = arg[5:].partition(">")[0].lstrip("<")
                 mail_args = arg.partition(">")[2].split()
                 recipients = []
+                if not server.mail_reply.startswith("2"):
+                    sender = None
                 self.reply(server.mail_reply)
             elif verb == "RCPT":
                 address = arg[3:].strip("<>")
                 reply = server.rcpt_replies.get(address, "250 2.1.5 ok")
+                if sender is None:
+                    reply = "503 5.5.1 MAIL first"
                 if reply.startswith("2"):
                     recipients.append(address)
                 self.reply(reply)
+            elif verb == "DATA" and not recipients:
+                self.reply("554 5.5.1 no valid recipients")
             elif verb == "DATA":
                 self.reply("354 go")
                 data = bytearray()
@@ -104,6 +113,7 @@ class CaptureServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.tls_context, self.auth = tls_context, auth
         self.rcpt_replies = {}
+        self.pipelining = False
         self.mail_reply = "250 2.1.0 ok"
         self.data_reply = "250 2.0.0 queued"
         self.messages, self.commands = [], []

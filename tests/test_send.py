@@ -127,8 +127,10 @@ def test_bounce_is_itself_delivered_but_never_bounced(spool, smarthost):
     assert spool.queue_ids() == [] and smarthost.messages == []
 
 
-def test_mixed_outcomes_are_kept_per_recipient(spool, smarthost):
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_mixed_outcomes_are_kept_per_recipient(spool, smarthost, pipelining):
     """One delivered, one deferred, one bounced: only the deferred one is tried again."""
+    smarthost.pipelining = pipelining
     queue_id = put(spool, recipients=["ok@x.test", "later@x.test", "bad@x.test"])
     smarthost.rcpt_replies.update({"later@x.test": "451 4.2.0 full", "bad@x.test": "550 5.1.1 no"})
     assert send(spool, smarthost) == 75
@@ -141,6 +143,19 @@ def test_mixed_outcomes_are_kept_per_recipient(spool, smarthost):
                                spool.entry_path(queue_id)]) == 0
     assert [m.recipients for m in smarthost.messages] == [["ok@x.test"], ["later@x.test"]]
     assert queue_id not in spool.queue_ids()
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_refused_sender_fails_every_recipient(spool, smarthost, pipelining):
+    """A 5xx to MAIL FROM is every recipient's outcome; nothing is sent, one bounce."""
+    smarthost.pipelining = pipelining
+    smarthost.mail_reply = "550 5.7.1 sender blocked"
+    put(spool, recipients=["u@x.test", "v@x.test"])
+    assert send(spool, smarthost) == 0
+    assert smarthost.messages == []
+    [(_, dsn)] = bounces(spool)
+    blocks = dsn.get_payload()[1].get_payload()[1:]
+    assert [b["Diagnostic-Code"] for b in blocks] == ["smtp; 550 5.7.1 sender blocked"] * 2
 
 
 def free_port():

@@ -182,3 +182,26 @@ def test_state_file_is_plain_json(spool):
     envelope = Envelope.thaw(spool.entry_path(queue_id))
     data = json.loads(envelope.freeze_state())
     assert data["version"] == 1 and data["recipients"][0]["address"] == "u@x.test"
+
+
+def test_group_commit_holds_claims_until_the_directory_fsync(spool):
+    """A removed entry stays claimed until sync() has made its removal durable."""
+    from netsmtp.delivery import Result
+
+    class Instant(Envelope):
+        def deliver(self, recipients, runner):
+            return {r: Result(250, "2.0.0 ok") for r in recipients}
+
+    class Runner(QueueRunner):
+        envelope_class = Instant
+
+    queue_id = put(spool)
+    runner = Runner(make_quiet_options(spool))
+    outcome = runner.send_entry(spool, queue_id)
+    assert outcome.removed and spool.queue_ids() == []
+    with pytest.raises(Busy):
+        spool.claim(queue_id).acquire()
+    runner.close()
+    with spool.claim(queue_id):
+        pass
+    assert os.listdir(spool.locks) == []
