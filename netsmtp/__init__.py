@@ -7,9 +7,11 @@ __version__ = "0.1.0"
 # Public name -> module.  Imported on first use, so `python -m netsmtp
 # --stdin` loads only what a session needs.
 _EXPORTS = {
+    "Delivery": "delivery",
     "Envelope": "envelope",
     "Options": "options",
     "Policy": "policy",
+    "QueueRunner": "runner",
     "REPLIES": "replies",
     "SMTPError": "replies",
     "Session": "session",

@@ -73,7 +73,8 @@ def build_dsn(envelope, failures, hostname, now=None):
     report["Auto-Submitted"] = "auto-replied"  # RFC 3834 section 5
 
     lines = "\n".join("<%s>: %s" % (r, result) for r, result in failures.items())
-    report.attach(MIMEText(EXPLANATION % {"host": hostname, "failures": lines}, "plain", "utf-8"))
+    text = EXPLANATION % {"host": hostname, "failures": lines}
+    report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
 
     status = Message()
     status["Content-Type"] = "message/delivery-status"
@@ -97,7 +98,13 @@ def build_dsn(envelope, failures, hostname, now=None):
     headers = original_headers(envelope)
     report.attach(MIMEText(headers, "rfc822-headers",
                            "us-ascii" if headers.isascii() else "utf-8"))
-    return report.as_bytes(policy=email.policy.SMTP)
+    policy = email.policy.SMTPUTF8 if needs_smtputf8(envelope, failures) else email.policy.SMTP
+    return report.as_bytes(policy=policy)
+
+
+def needs_smtputf8(envelope, failures):
+    # RFC 6533: a DSN about non-ASCII addresses carries them as UTF-8.
+    return not all(address.isascii() for address in [envelope.sender, *failures])
 
 
 def spool_bounce(spool, envelope, failures, hostname, now=None):
@@ -106,7 +113,8 @@ def spool_bounce(spool, envelope, failures, hostname, now=None):
     The caller makes sure the sender is not <>.
     """
     now = time.time() if now is None else now
+    params = {"SMTPUTF8": True} if needs_smtputf8(envelope, failures) else {}
     bounce = Envelope(sender="", recipients=[envelope.sender], helo=hostname,
-                      protocol="LOCAL", id=new_queue_id(), arrival=now)
+                      protocol="LOCAL", params=params, id=new_queue_id(), arrival=now)
     spool.add(bounce, build_dsn(envelope, failures, hostname, now))
     return bounce.id

@@ -67,10 +67,14 @@ def send_main(argv=None, runner_class=None):
     entries, problems, spools = resolve(args.paths)
     for problem in problems:
         print("netsmtp-send: error: %s" % problem, file=sys.stderr)
+    failed = bool(problems)
     if not args.dry_run:
         for spool in spools:
-            spool.clean()
-    failed = bool(problems)
+            try:
+                spool.clean()
+            except OSError as exc:
+                print("netsmtp-send: error: %s: %s" % (spool.path, exc), file=sys.stderr)
+                failed = True
     deferred = False
     out = sys.stdout
     progress = Progress(len(entries), out, out.isatty() and len(entries) >= PROGRESS_MIN)

@@ -32,6 +32,7 @@ TMP, LOCKS, QUARANTINE = "tmp", "locks", "quarantine"
 # read times out (RFC 5321 section 4.5.3.2) and the size is capped.
 STALE_DEBRIS = 3600.0
 ENTRY_NAME = re.compile(r"([0-9a-f]{24})(\.msg|\.state)\Z")
+LOCK_NAME = re.compile(r"([0-9a-f]{24})\.lock\Z")  # others' files in locks/ are left alone
 
 
 class Busy(Exception):
@@ -212,8 +213,8 @@ class Spool:
                     name[:-len(STATE_SUFFIX)] + MESSAGE_SUFFIX not in names:
                 drop(os.path.join(self.path, name), "state of an entry that is gone")
         for name in _listdir(self.locks):
-            queue_id = name[:-len(LOCK_SUFFIX)]
-            if name.endswith(LOCK_SUFFIX) and not os.path.exists(self.entry_path(queue_id)):
+            match = LOCK_NAME.match(name)
+            if match and not os.path.exists(self.entry_path(match.group(1))):
                 drop(os.path.join(self.locks, name), "lock of an entry that is gone")
         return removed
 
@@ -298,7 +299,12 @@ def resolve(paths):
                 problems.append("%s: not a spool directory (it has no tmp/)" % path)
                 continue
             spool = spool_at(path)
-            for queue_id in spool.queue_ids():
+            try:
+                queue_ids = spool.queue_ids()
+            except OSError as exc:
+                problems.append("%s: %s" % (path, exc.strerror or exc))
+                continue
+            for queue_id in queue_ids:
                 add(spool, queue_id)
         elif not os.path.lexists(path):
             problems.append("%s: no such file or directory" % path)

@@ -119,6 +119,18 @@ def test_permanent_failure_is_bounced_with_a_dsn(spool, smarthost):
     assert "X-Tag: 7" in headers.get_content() and "body" not in headers.get_content()
 
 
+def test_bounce_about_a_utf8_address_is_smtputf8(spool, smarthost):
+    """A DSN naming a non-ASCII address is spooled as SMTPUTF8 mail (RFC 6533)."""
+    put(spool, recipients=["jürgen@x.test"], params={"SMTPUTF8": True})
+    smarthost.rcpt_replies["jürgen@x.test"] = "550 5.1.1 unknown"
+    assert send(spool, smarthost) == 0
+    [(envelope, dsn)] = bounces(spool)
+    assert envelope.params == {"SMTPUTF8": True}
+    assert dsn.get_payload()[1].get_payload()[1]["Final-Recipient"] == "utf-8; jürgen@x.test"
+    assert send(spool, smarthost) == 0  # the bounce itself goes out with SMTPUTF8
+    assert smarthost.messages[-1].sender == "" and "SMTPUTF8" in smarthost.messages[-1].mail_args
+
+
 def test_bounce_is_itself_delivered_but_never_bounced(spool, smarthost):
     """A failing message from <> is dropped without a bounce, so bounces cannot loop."""
     put(spool, sender="", recipients=["gone@x.test"])

@@ -97,11 +97,13 @@ def test_clean_removes_old_debris_and_logs_it(spool, caplog):
     live = put(spool)
     spool.write_state("0660d0000000000000000002", b"{}")
     open(os.path.join(spool.locks, "0660d0000000000000000002.lock"), "w").close()
+    open(os.path.join(spool.locks, "limits.json.lock"), "w").close()  # not ours: kept
     with caplog.at_level("WARNING", logger="netsmtp.spool"):
         removed = spool.clean()
     assert sorted(map(os.path.basename, removed)) == [
         "0660d0000000000000000002.lock", "0660d0000000000000000002.state", "old.msg"]
     assert os.listdir(spool.tmp) == ["fresh.msg"] and os.path.exists(spool.entry_path(live))
+    assert os.listdir(spool.locks) == ["limits.json.lock"]
     assert "debris of an interrupted write" in caplog.text
 
 
