@@ -136,6 +136,31 @@ def test_concurrent_flushes_send_each_message_once(spool, smarthost):
     assert sum(o.count(" delivered ") for o in outputs) == count
 
 
+def test_flushing_while_the_server_spools_sends_each_once(server, smarthost):
+    """netsmtp-send runs while the server accepts mail: every message goes out exactly once."""
+    import threading
+    from netsmtp.spool import Spool
+    spool = Spool(server.spool)
+    count = 40
+
+    def client():
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as smtp:
+            for n in range(count):
+                smtp.sendmail("a@b.test", ["u@mx.test"], b"Subject: %d\r\n\r\nx\r\n" % n)
+
+    sending = threading.Thread(target=client)
+    sending.start()
+    flush = ["--smarthost", smarthost.address, "--smarthost-tls", "off", "--log-level",
+             "warning", spool.path]
+    while sending.is_alive():
+        assert run_cli(send_main, flush) == 0
+    sending.join()
+    assert run_cli(send_main, flush) == 0
+    subjects = sorted(int(m.data.split(b"Subject: ")[1].split(b"\r\n")[0])
+                      for m in smarthost.messages)
+    assert subjects == list(range(count)) and spooled(spool) == []
+
+
 def test_progress_bar_on_a_terminal(spool, smarthost):
     """With stdout on a terminal and many messages, a progress bar is drawn and cleared."""
     for _ in range(25):
