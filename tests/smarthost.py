@@ -38,6 +38,7 @@ class Handler(socketserver.StreamRequestHandler):
             verb = verb.upper()
             server.commands.append(command)
             if verb in ("EHLO", "HELO"):
+                server.connections += verb == "EHLO" and not tls
                 extensions = ["SIZE 100000000", "8BITMIME", "SMTPUTF8"]
                 if server.pipelining:
                     extensions.append("PIPELINING")
@@ -93,6 +94,8 @@ class Handler(socketserver.StreamRequestHandler):
                     server.messages.append(Captured(sender, mail_args, recipients,
                                                     bytes(data), tls, auth))
                 self.reply(reply)
+                if server.hang_up_after_data:
+                    return
             elif verb == "RSET":
                 sender, recipients = None, []
                 self.reply("250 2.0.0 ok")
@@ -114,9 +117,11 @@ class CaptureServer(socketserver.ThreadingTCPServer):
         self.tls_context, self.auth = tls_context, auth
         self.rcpt_replies = {}
         self.pipelining = False
+        self.hang_up_after_data = False
         self.mail_reply = "250 2.1.0 ok"
         self.data_reply = "250 2.0.0 queued"
         self.messages, self.commands = [], []
+        self.connections = 0
         self.port = self.server_address[1]
         self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
 

@@ -170,6 +170,21 @@ def test_refused_sender_fails_every_recipient(spool, smarthost, pipelining):
     assert [b["Diagnostic-Code"] for b in blocks] == ["smtp; 550 5.7.1 sender blocked"] * 2
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_one_connection_reused_and_a_dropped_one_replaced(spool, smarthost, pipelining):
+    """A run uses one connection; if the smarthost hangs up between messages, it reconnects."""
+    smarthost.pipelining = pipelining
+    for _ in range(3):
+        put(spool)
+    assert send(spool, smarthost) == 0
+    assert smarthost.connections == 1 and len(smarthost.messages) == 3
+    smarthost.hang_up_after_data = True
+    for _ in range(3):
+        put(spool)
+    assert send(spool, smarthost) == 0
+    assert smarthost.connections == 1 + 3 and len(smarthost.messages) == 6
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
