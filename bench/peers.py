@@ -102,6 +102,7 @@ class Peer:
     name = "?"
     durable = True
     store = None  # directory whose files are the stored messages, if any
+    connection_share = 1.0  # of the one-message-per-connection loads' count
 
     def __init__(self):
         self.proc = None
@@ -158,7 +159,9 @@ class Netsmtp(Peer):
         self.store = os.path.join(workdir, self.name + "-spool")
         return ["--spool", self.store, "--hostname", "mx." + DOMAIN,
                 "--local-domains", DOMAIN, "--max-size", str(MAX_SIZE),
-                "--max-sessions", "200", "--backlog", "512"]
+                "--max-sessions", "200", "--backlog", "512",
+                # smtp-source -d sends all messages over a few connections:
+                "--max-messages", "0", "--max-session-recipients", "0"]
 
     def command(self, workdir):
         return [sys.executable, "-m", "netsmtp", "--listen", "127.0.0.1:%d" % self.port,
@@ -167,6 +170,8 @@ class Netsmtp(Peer):
 
 class NetsmtpStdin(Netsmtp):
     """netsmtp --stdin, one process per connection, started by tcpserver."""
+
+    connection_share = 0.2
 
     def __init__(self):
         super().__init__("netsmtp-stdin", 0)

@@ -23,7 +23,6 @@ import socket
 import struct
 import time
 
-from .inetd import stop_on_signals
 from .limits import SharedLimits, limits_configured, refuse_connection
 from .server import SessionHandler
 from .session import Session
