@@ -21,6 +21,8 @@ MAX_ENVELOPE_LINE = 1 << 20
 PENDING, DEFERRED, DELIVERED, FAILED, BOUNCED, DROPPED = (
     "pending", "deferred", "delivered", "failed", "bounced", "dropped")
 FINAL = frozenset((DELIVERED, BOUNCED, DROPPED))
+STATUSES = frozenset((PENDING, DEFERRED, FAILED)) | FINAL
+NoneType = type(None)
 
 
 class Envelope:
@@ -138,13 +140,17 @@ class Envelope:
             raise ValueError("state is not JSON: %s" % exc) from None
         try:
             for item in data["recipients"]:
+                error = item.get("error")
+                if item["status"] not in STATUSES or not isinstance(error, (str, NoneType)):
+                    raise ValueError("recipient status %r" % (item["status"],))
                 if item["address"] in self.status:
-                    self.status[item["address"]] = {"status": str(item["status"]),
-                                                    "error": item.get("error")}
+                    self.status[item["address"]] = {"status": item["status"], "error": error}
             self.attempts = int(data["attempts"])
-            self.next_attempt = data.get("next_attempt")
-            self.last_attempt = data.get("last_attempt")
-            self.last_error = data.get("last_error")
+            self.next_attempt, self.last_attempt = data["next_attempt"], data["last_attempt"]
+            self.last_error = data["last_error"]
+            if not all(isinstance(t, (int, float, NoneType))
+                       for t in (self.next_attempt, self.last_attempt)):
+                raise ValueError("attempt times")
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError("bad state: %r" % exc) from None
 

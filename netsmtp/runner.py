@@ -231,7 +231,7 @@ class QueueRunner:
                                               "expired after %g days in the queue; last error: %s"
                                               % (last[:3], days, last)}
             deferred = []
-        if envelope.sender and envelope.recipients_in(FAILED) and not envelope.finished:
+        if envelope.sender and envelope.recipients_in(FAILED):
             # Record the deliveries first, so a failing bounce repeats none.
             spool.write_state(envelope.id, envelope.freeze_state())
         self.bounce(spool, envelope, now)

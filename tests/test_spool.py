@@ -13,7 +13,7 @@ from smarthost import CaptureServer, put, run_cli
 from netsmtp.envelope import Envelope
 from netsmtp.queue_cli import send_main
 from netsmtp.runner import QueueRunner
-from netsmtp.spool import Busy, Spool, resolve
+from netsmtp.spool import Busy, resolve
 
 
 def test_glob_of_spool_names_each_entry_once(spool):
@@ -86,6 +86,19 @@ def test_corrupt_entry_is_quarantined_not_deleted(spool, capsys, content, reason
     with open(os.path.join(spool.quarantine_dir, queue_id + ".msg"), "rb") as f:
         assert f.read() == content
     assert not os.path.exists(spool.entry_path(queue_id))
+
+
+@pytest.mark.parametrize("state", [
+    b"not json", b'{"recipients": [{"address": "u@x.test", "status": "lost"}], "attempts": 1}',
+    b'{"recipients": [], "attempts": 1, "next_attempt": "soon", "last_attempt": null, '
+    b'"last_error": null}'])
+def test_corrupt_state_quarantines_the_entry(spool, capsys, state):
+    """An ID.state that cannot be trusted sends the entry to quarantine, not the smarthost."""
+    queue_id = put(spool)
+    spool.write_state(queue_id, state)
+    assert run_cli(send_main, [spool.path]) == 1
+    assert "quarantined" in capsys.readouterr().out
+    assert sorted(os.listdir(spool.quarantine_dir)) == [queue_id + ".msg", queue_id + ".state"]
 
 
 def test_clean_removes_old_debris_and_logs_it(spool, caplog):
