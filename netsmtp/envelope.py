@@ -17,7 +17,8 @@ SCHEMA_VERSION = 1
 MAX_ENVELOPE_LINE = 1 << 20
 
 # Recipient statuses.  A message leaves the spool when every recipient is
-# final: delivered, bounced, or failed with a <> sender (never bounced).
+# final: delivered, bounced, or dropped (failed, but the sender was <>, which
+# is never bounced).  FAILED lasts only until the bounce is spooled.
 PENDING, DEFERRED, DELIVERED, FAILED, BOUNCED, DROPPED = (
     "pending", "deferred", "delivered", "failed", "bounced", "dropped")
 FINAL = frozenset((DELIVERED, BOUNCED, DROPPED))
@@ -33,7 +34,8 @@ class Envelope:
     recipients  forward paths, in the order accepted
     helo        the name the client gave in HELO/EHLO
     client      the client address from the connection; None when local
-    protocol    SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848)
+    protocol    SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848); LOCAL
+                for bounces
     params      MAIL parameters: SIZE (int), BODY, SMTPUTF8 (True)
     tls         TLS facts ({"version", "cipher"}) or None
     auth        the authenticated user or None

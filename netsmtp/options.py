@@ -217,11 +217,11 @@ SPEC = {opt.name: opt for opt in (
     Option("routes", None, parse_routes,
            "delivery per recipient domain, DOMAIN=ROUTE,... and *=ROUTE for the rest "
            "(default: local domains to maildir when --maildir-root is set, * to smarthost)"),
-    Option("retry_initial", 300.0, parse_duration,
-           "first retry delay after a deferral (5m); it doubles each attempt"),
-    Option("retry_max", 14400.0, parse_duration, "longest retry delay (4h)"),
-    Option("max_queue_lifetime", 432000.0, parse_duration,
-           "age after which undelivered recipients are bounced (5d)"),
+    Option("retry_initial", "5m", parse_duration,
+           "first retry delay after a deferral, doubling each attempt (s, m, h, d)"),
+    Option("retry_max", "4h", parse_duration, "longest retry delay"),
+    Option("max_queue_lifetime", "5d", parse_duration,
+           "age after which recipients still deferred are bounced"),
     Option("log_level", "info", parse_log_level, "debug, info, warning or error"),
     Option("syslog", False, parse_bool, "log to syslog instead of stderr"),
 )}

@@ -50,7 +50,8 @@ def send_main(argv=None, runner_class=None):
     parser = Parser(prog="netsmtp-send", description=(
         "Deliver spooled messages: each PATH is a spool entry (spool/ID.msg or "
         "spool/ID.state) or a spool directory for all its entries."))
-    parser.add_argument("paths", nargs="+", metavar="PATH")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="spool/ID.msg, spool/ID.state or a spool directory")
     parser.add_argument("--due", action="store_true",
                         help="only entries whose next attempt time has come, oldest first")
     parser.add_argument("--dry-run", action="store_true",
