@@ -57,7 +57,9 @@ class QueueRunner:
     Class variables that may be overridden:
         envelope_class  the Envelope subclass thawed for each entry
         deliveries      route name -> Delivery class; add your own here
-        remove_batch    removals that share one directory fsync (see sync())
+        remove_batch    removals that share one directory fsync (see sync());
+                        1 here, where file creation costs as much as an
+                        fsync; raise it where fsync is slow (bench/README.md)
 
     Use as a context manager, or call close() to end the deliveries'
     connections.
@@ -65,7 +67,7 @@ class QueueRunner:
 
     envelope_class = Envelope
     deliveries = {"smarthost": SmarthostDelivery, "maildir": MaildirDelivery}
-    remove_batch = 32
+    remove_batch = 1
 
     def __init__(self, options, due_only=False, dry_run=False):
         self.options = options

@@ -209,6 +209,7 @@ def test_group_commit_holds_claims_until_the_directory_fsync(spool):
 
     class Runner(QueueRunner):
         envelope_class = Instant
+        remove_batch = 32
 
     queue_id = put(spool)
     runner = Runner(make_quiet_options(spool))
