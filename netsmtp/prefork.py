@@ -45,6 +45,10 @@ class PreforkServer:
     Needs the attributes SessionHandler reads: options, spool, session_class.
     serve() returns once SIGTERM or SIGINT stopped the pool and every worker
     has finished its current message.
+
+    Class variables that may be overridden:
+        spare_workers   idle workers kept ready while there is load
+        shrink_after    seconds of surplus before an idle worker is retired
     """
 
     spare_workers = SPARE_WORKERS
