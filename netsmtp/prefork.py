@@ -33,6 +33,7 @@ SPARE_WORKERS = 2    # idle workers kept ready under load (at most options.worke
 SHRINK_AFTER = 10.0  # seconds of surplus before one idle worker is retired
 RETIRE = signal.SIGUSR1  # to a worker: leave once the current session is done
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, RETIRE}
+RESOURCE_PAUSE = 0.1  # seconds a worker waits after accept() ran out of fds or memory
 
 # Worker -> master status: pid and state, one write under PIPE_BUF (atomic).
 STATUS = struct.Struct("=iB")
@@ -265,9 +266,13 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 continue  # another worker took it
             except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE,
-                                 errno.ENOBUFS, errno.ENOMEM, errno.EPROTO):
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up before we accepted
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The connection stays queued and epoll would report it
+                    # again at once: pause instead of spinning on the error.
                     log.warning("worker %d: accept: %s", os.getpid(), exc)
+                    time.sleep(RESOURCE_PAUSE)
                     continue
                 raise
             self.report(BUSY)
