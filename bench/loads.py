@@ -1,9 +1,10 @@
 """The loads: each runs once against a started peer and returns its figures.
 
 smtp-source does the message loads (-d reuses connections, -s runs sessions
-in parallel, -m counts the messages of all sessions together); a small
-Python client sends the 100 MB message, so the receiving process can be
-measured while the connection is still open.
+in parallel, -m counts the messages of all sessions together).  A small
+Python client pipelines MAIL/RCPT/DATA for latency percentiles, and sends
+the 100 MB message, so the receiving process can be measured while the
+connection is still open.
 """
 
 import os
@@ -114,6 +115,51 @@ class BigMessage:
         return {"value": elapsed, "rss_mb": rss_kb / 1024}
 
 
+class Pipelined:
+    """One connection, MAIL, RCPT and DATA sent in one write (RFC 2920).
+
+    Per-message latency from MAIL to the final 250, as p50 and p99, and the
+    rate; a small Python client, as smtp-source does not pipeline.
+    """
+
+    unit = "msg/s"
+
+    def __init__(self, name, messages):
+        self.name, self.messages = name, messages
+
+    def run(self, peer):
+        body = b"Subject: pipelined\r\n\r\n" + (b"x" * 78 + b"\r\n") * 25 + b".\r\n"
+        envelope = b"MAIL FROM:<sender@client.test>\r\nRCPT TO:<user@%s>\r\nDATA\r\n" % (
+            DOMAIN.encode())
+        latencies = []
+        try:
+            with socket.create_connection(("127.0.0.1", peer.port), timeout=60) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                reader = sock.makefile("rb")
+                expect(reader, 220)
+                sock.sendall(b"EHLO client.test\r\n")
+                expect(reader, 250)
+                started = time.perf_counter()
+                for _ in range(self.messages):
+                    sent = time.perf_counter()
+                    sock.sendall(envelope)
+                    for code in (250, 250, 354):
+                        expect(reader, code)
+                    sock.sendall(body)
+                    expect(reader, 250)
+                    latencies.append(time.perf_counter() - sent)
+                elapsed = time.perf_counter() - started
+                sock.sendall(b"QUIT\r\n")
+                reply(reader)
+                reader.close()
+        finally:
+            peer.forget_messages()
+        latencies.sort()
+        return {"value": self.messages / elapsed,
+                "p50_ms": 1000 * latencies[len(latencies) // 2],
+                "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)]}
+
+
 class StdinStartup:
     """netsmtp --stdin under tcpserver: connections/s and CPU per connection."""
 
@@ -153,5 +199,6 @@ def loads(quick):
         Messages("reused-50", 50, True, n),
         Messages("perconn-1", 1, False, one // 2),
         Messages("perconn-20", 20, False, one),
+        Pipelined("pipelined-1", n // 4),
         BigMessage("big-100MB", (10 if quick else 100) * 1024 * 1024),
     )}

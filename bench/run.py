@@ -131,6 +131,14 @@ def table(all_results, peer_names, extra_rows):
                 text += " (%.2fx)" % ratio
             cells.append(text)
         lines.append("| %s | %s | %s |" % (load.name, load.unit, " | ".join(cells)))
+        if any(f and "p50_ms" in f for fs in results.values() for f in fs):
+            cells = []
+            for name in peer_names:
+                runs = [f for f in results.get(name, []) if f]
+                cells.append("%.2f / %.2f" % (median([f["p50_ms"] for f in runs]),
+                                              median([f["p99_ms"] for f in runs]))
+                             if runs else "—")
+            lines.append("| %s p50 / p99 latency | ms | %s |" % (load.name, " | ".join(cells)))
         if any(f and "rss_mb" in f for fs in results.values() for f in fs):
             rss = []
             for name in peer_names:
