@@ -207,6 +207,9 @@ def main(argv=None):
         set(load_names) - set(all_loads) - set(extra_loads))
     if unknown:
         parser.error("unknown peer or load: %s" % ", ".join(unknown))
+    if "postfix" in peer_names and os.geteuid() != 0:
+        parser.error("the postfix peer runs a private Postfix master, which needs root: "
+                     "use sudo, or leave it out with --peers")
     runs = args.runs or (1 if args.quick else 3)
 
     def log(text):
