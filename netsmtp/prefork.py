@@ -24,7 +24,7 @@ import struct
 import time
 
 from .limits import SharedLimits, limits_configured, refuse_connection
-from .server import SessionHandler
+from .server import SessionHandler, stop_signals
 from .session import Session
 
 log = logging.getLogger("netsmtp")
@@ -80,30 +80,20 @@ class PreforkServer:
         """Run the pool until SIGTERM or SIGINT, then wait for the workers."""
         self.status_read, self.status_write = os.pipe()
         os.set_blocking(self.status_read, False)
-        wake_read, wake_write = os.pipe()
-        os.set_blocking(wake_read, False)
-        os.set_blocking(wake_write, False)
-        previous = signal.set_wakeup_fd(wake_write)
-
-        def stop(signum, frame):
-            self.stop_requested = True
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         pending = b""
         try:
-            while not self.stop_requested:
-                self.reap()
-                self.adjust()
-                ready, _, _ = select.select([self.status_read, wake_read], [], [], 1.0)
-                if wake_read in ready:
-                    os.read(wake_read, 512)
-                if self.status_read in ready:
-                    pending = self.read_status(pending)
+            with stop_signals(self) as wake:
+                # A worker's exit wakes the loop too, through the same fd.
+                signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+                while not self.stop_requested:
+                    self.reap()
+                    self.adjust()
+                    ready, _, _ = select.select([self.status_read, wake], [], [], 1.0)
+                    if wake in ready:
+                        os.read(wake, 512)
+                    if self.status_read in ready:
+                        pending = self.read_status(pending)
         finally:
-            signal.set_wakeup_fd(previous)
-            os.close(wake_read)
-            os.close(wake_write)
             self.stop()
 
     def stop(self):

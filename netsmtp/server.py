@@ -1,5 +1,6 @@
 """The forking TCP server: one child process per connection."""
 
+import contextlib
 import logging
 import os
 import select
@@ -13,6 +14,30 @@ from .session import Session
 from .transport import SocketTransport
 
 log = logging.getLogger("netsmtp")
+
+
+@contextlib.contextmanager
+def stop_signals(server):
+    """While the block runs, SIGTERM and SIGINT set server.stop_requested.
+
+    Yields a file descriptor that becomes readable when a signal arrives, so
+    a select() on it returns at once instead of at its next timeout.
+    """
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    previous = signal.set_wakeup_fd(wake_write)
+
+    def stop(signum, frame):
+        server.stop_requested = True
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield wake_read
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_read)
+        os.close(wake_write)
 
 
 class SessionHandler(socketserver.StreamRequestHandler):
@@ -70,28 +95,15 @@ class ForkingServer(socketserver.ForkingTCPServer):
 
     def serve(self):
         """Accept connections until SIGTERM or SIGINT, then wait for the sessions."""
-        wake_read, wake_write = os.pipe()
-        os.set_blocking(wake_read, False)
-        os.set_blocking(wake_write, False)
-        previous = signal.set_wakeup_fd(wake_write)
-
-        def stop(signum, frame):
-            self.stop_requested = True
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        try:
+        with stop_signals(self) as wake:
             while not self.stop_requested:
-                ready, _, _ = select.select([self.socket, wake_read], [], [], 1.0)
-                if wake_read in ready:
-                    os.read(wake_read, 512)
+                ready, _, _ = select.select([self.socket, wake], [], [], 1.0)
+                if wake in ready:
+                    os.read(wake, 512)
                 if self.socket in ready and not self.stop_requested:
                     self.timeout = 0
                     self.handle_request()
                 self.collect_children()
-        finally:
-            signal.set_wakeup_fd(previous)
-            os.close(wake_read)
-            os.close(wake_write)
         children = list(self.active_children or ())
         for pid in children:
             try:
