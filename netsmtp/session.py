@@ -213,9 +213,17 @@ class Session(Policy):
 
         options.timeout bounds each read (the socket's timeout) and also a
         whole command line, so a byte every few minutes keeps no session
-        alive; options.session_timeout bounds the whole session.
+        alive; options.session_timeout bounds the whole session.  A stop
+        signal never cuts the flush short: that could lose the 250 of a
+        message already spooled, and the client would send it again.
         """
-        self.flush()
+        idle, self.idle = self.idle, False
+        try:
+            self.flush()
+        finally:
+            self.idle = idle
+        if idle and self.stopping:
+            raise ShuttingDown
         now = time.monotonic()
         if self.session_deadline is not None and now > self.session_deadline:
             raise TimeoutError("session lasted over %ss" % self.options.session_timeout)
@@ -287,7 +295,7 @@ class Session(Policy):
         from .tls import server_context
         return server_context(self.options.tls_cert, self.options.tls_key)
 
-    def start_tls(self):
+    def start_tls(self, context=None):
         """Handshake on the transport and forget the plaintext session.
 
         RFC 3207 section 4.2: the client must EHLO again, and nothing
@@ -297,7 +305,7 @@ class Session(Policy):
         the stream is in an unknown state.  Returns True on success.
         """
         try:
-            context = self.tls_context()
+            context = context or self.tls_context()
             rfile, wfile, facts = self.transport.start_tls(context)
         except Exception as exc:  # ssl.SSLError, OSError, TLSConfigError
             log.warning("%s: TLS handshake failed: %s", self.tag, printable(exc))
@@ -428,7 +436,8 @@ class Session(Policy):
             raise SMTPError("555 5.5.4", next(iter(params)))
         for key, value in params.items():
             if key == "SIZE":
-                if value is True or not value.isdigit() or len(value) > 20:
+                # RFC 1870 section 3: 1*20DIGIT, ASCII digits only.
+                if value is True or not (value.isascii() and value.isdigit()) or len(value) > 20:
                     raise SMTPError("501 5.5.4", key)
                 params[key] = int(value)
             elif key == "BODY":
@@ -576,10 +585,16 @@ class Session(Policy):
             raise SMTPError("503 5.5.1")  # RFC 3207 section 4.2: once, after EHLO
         if not self.tls_available():
             raise SMTPError("502 5.5.1", "STARTTLS")
+        try:
+            context = self.tls_context()
+        except Exception as exc:  # TLSConfigError, OSError
+            # RFC 3207 section 4: say 454 while the client may still go on.
+            log.error("%s: STARTTLS: %s", self.tag, printable(exc))
+            raise SMTPError("454 4.7.0") from None
         self.reply("220 2.0.0")
         self.flush()
         self.reader.discard()
-        self.start_tls()
+        self.start_tls(context)
 
     def smtp_AUTH(self, arg):
         if not self.options.auth_file:

@@ -3,12 +3,14 @@
 import errno
 import io
 import os
+import signal
 
 import pytest
 
 from conftest import Conversation, make_options, replies_of, spooled
 from netsmtp.envelope import Envelope
 from netsmtp.replies import SMTPError
+from netsmtp.inetd import stop_on_signals
 from netsmtp.session import Session
 from netsmtp.spool import Spool
 
@@ -158,9 +160,14 @@ def test_bad_recipient_syntax(converse, line):
     (b"SIZE=1000 BODY=8BITMIME SMTPUTF8", 250), (b"SIZE=abc", 501), (b"SIZE", 501),
     (b"BODY=BINARYMIME", 501), (b"SMTPUTF8=yes", 501), (b"RET=FULL", 555), (b"X-FOO", 555),
     (b"SIZE=1 SIZE=2", 501), (b"SIZE=99999999999", 552),
+    ("SIZE=\u00b2".encode(), 501), ("SIZE=\u0661\u0662".encode(), 501),
 ])
 def test_mail_parameters(converse, params, code):
-    """SIZE, BODY and SMTPUTF8 are parsed; an unknown parameter is 555 5.5.4."""
+    """SIZE, BODY and SMTPUTF8 are parsed; an unknown parameter is 555 5.5.4.
+
+    SIZE is ASCII digits only (RFC 1870 section 3): a superscript two or an
+    Arabic-Indic digit is a 501, not an internal error or a number.
+    """
     assert converse.codes(HELLO + [b"MAIL FROM:<a@client.test> " + params])[-1] == code
 
 
@@ -530,3 +537,29 @@ def test_idle_timeout_is_421(options, spool):
     out = io.BytesIO()
     Session(TimesOut(), out, options=options, spool=spool).handle()
     assert replies_of(out.getvalue())[-1] == (421, ["421 4.4.2 mx.test idle for too long, closing connection"])
+
+
+class SignalledWire(io.BytesIO):
+    """A wfile that gets SIGTERM just as the 250 of a message is written."""
+
+    def write(self, data):
+        if b"250 2.6.0" in data and not self.getvalue().count(b"250 2.6.0"):
+            signal.raise_signal(signal.SIGTERM)
+        return super().write(data)
+
+
+def test_sigterm_while_the_250_is_written_still_sends_it(options, spool):
+    """A stop signal during the flush of a 250 lets the 250 out, then says 421:
+    a lost 250 for a spooled message would make the client send it twice."""
+    data = b"".join(line + b"\r\n" for line in RECIPIENT + [b"DATA", b"hi", b".", b"NOOP"])
+    out = SignalledWire()
+    session = Session(io.BytesIO(data), out, options=options, spool=spool)
+    saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stop_on_signals(session)
+    try:
+        session.handle()
+    finally:
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGINT, saved[1])
+    codes = [code for code, _ in replies_of(out.getvalue())]
+    assert codes == [220, 250, 250, 250, 354, 250, 250, 421] and len(spooled(spool)) == 1

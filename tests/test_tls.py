@@ -214,6 +214,23 @@ def test_certificate_is_reloaded_without_restart(server_factory, tls_files, tmp_
     assert served_names() == ["mx2.test"]
 
 
+def test_certificate_that_no_longer_loads_is_454(server_factory, tls_files):
+    """A certificate broken after start: STARTTLS gets 454 4.7.0 before any 220
+    (RFC 3207 section 4), and the session goes on in plaintext."""
+    _, cert, _ = tls_files
+    server = tls_server(server_factory, tls_files)
+    with open(cert, "w") as f:
+        f.write("not a certificate\n")
+    later = time.time() + 5
+    os.utime(cert, (later, later))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert client.docmd("STARTTLS") == (454, b"4.7.0 TLS not available")
+        assert client.noop()[0] == 250
+    server.stop()
+    assert "cannot load" in server.output()
+
+
 def test_starttls_not_offered_without_transport(converse, tmp_path, tls_files):
     """Over BytesIO (no transport) STARTTLS is neither offered nor accepted."""
     _, cert, key = tls_files
