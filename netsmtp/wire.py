@@ -31,7 +31,7 @@ class LineReader:
     read1() is called only when a whole line or message end is not buffered
     yet, and wait() runs first: that is where the session flushes its
     replies, so pipelined commands (RFC 2920) get one write, not one each.
-    EOF raises EOFError.
+    EOF raises EOFError; a read error other than a timeout, ConnectionError.
     """
 
     def __init__(self, rfile, wait=lambda: None):
@@ -41,7 +41,13 @@ class LineReader:
 
     def fill(self):
         self.wait()
-        chunk = self.rfile.read1(READ_SIZE)
+        try:
+            chunk = self.rfile.read1(READ_SIZE)
+        except (TimeoutError, ConnectionError):
+            raise
+        except OSError as exc:
+            # ssl.SSLError and kin: the stream is broken, like a reset.
+            raise ConnectionError(exc) from exc
         if not chunk:
             raise EOFError("connection closed by client")
         self.buf += chunk

@@ -2,6 +2,7 @@
 
 import errno
 import io
+import logging
 import os
 import signal
 
@@ -530,6 +531,31 @@ def test_full_disk_is_452_and_leaves_no_debris(options, good_writes, codes):
 class TimesOut:
     def read1(self, size):
         raise TimeoutError
+
+
+class BreaksMidMessage:
+    """A connection that fails mid-DATA as a TLS stream does on a bad record MAC
+    (ssl.SSLError is an OSError but no ConnectionError)."""
+
+    def __init__(self, data):
+        self.chunks = [data]
+
+    def read1(self, size):
+        if self.chunks:
+            return self.chunks.pop()
+        raise OSError(errno.EPROTO, "decryption failed or bad record mac")
+
+
+def test_broken_connection_mid_data_is_no_internal_error(options, spool, caplog):
+    """A read error in DATA ends the session as a lost connection: no 451, no
+    traceback, nothing spooled."""
+    caplog.set_level(logging.INFO)
+    data = b"".join(line + b"\r\n" for line in RECIPIENT + [b"DATA", b"half a message"])
+    out = io.BytesIO()
+    Session(BreaksMidMessage(data), out, options=options, spool=spool).handle()
+    assert [code for code, _ in replies_of(out.getvalue())] == [220, 250, 250, 250, 354]
+    assert "internal error" not in caplog.text and "connection error" in caplog.text
+    assert spooled(spool) == [] and os.listdir(spool.tmp) == []
 
 
 def test_idle_timeout_is_421(options, spool):
