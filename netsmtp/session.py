@@ -317,6 +317,7 @@ class Session(Policy):
         self.tls = facts
         self.reset_transaction()
         self.helo, self.esmtp, self.state = None, False, State.CONNECTED
+        self.auth_user = None  # a plaintext AUTH may have been injected
         log.info("%s: TLS %s %s", self.tag, facts["version"], facts["cipher"])
         return True
 

@@ -244,6 +244,23 @@ def test_smtplib_login_over_starttls(server_factory, tls_files, auth_file, tmp_p
         assert b" with ESMTPSA id " in f.read()
 
 
+def test_starttls_forgets_a_plaintext_auth(server_factory, tls_files, auth_file):
+    """AUTH before STARTTLS (--auth-plaintext) does not survive the handshake
+    (RFC 3207 section 4.2): what a man in the middle may have sent in plaintext
+    cannot let the TLS session relay; AUTH is offered again."""
+    ca, cert, key = tls_files
+    server = server_factory("--tls-cert", cert, "--tls-key", key, "--auth-file", auth_file,
+                            "--auth-plaintext", "--relay-networks", "none")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert client.docmd("AUTH", "PLAIN " + plain().decode())[0] == 235
+        client.starttls(context=client_context(ca))
+        client.ehlo("client.test")
+        assert client.has_extn("auth")
+        assert client.mail("a@client.test")[0] == 250
+        assert client.rcpt("x@far.test")[0] == 550
+
+
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks_auth_over_tls(server_factory, tls_files, auth_file, mechanism):
     """swaks logs in with PLAIN and LOGIN over STARTTLS; a wrong password fails with 535."""
