@@ -65,6 +65,8 @@ class Policy:
             if exc.errno == socket.EAI_AGAIN:
                 raise SMTPError("450 4.7.1", "cannot resolve the HELO name now") from None
             found = set()
+        except UnicodeError:  # the idna codec: an empty or over-long label
+            found = set()
         if client is None or client not in found:
             raise SMTPError("554 5.7.1", "HELO name does not resolve to your address")
 

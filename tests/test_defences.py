@@ -268,10 +268,13 @@ def test_header_checks(tmp_path):
     ("localhost", "192.0.2.1", 554),
     ("no-such-host.invalid", "192.0.2.1", 554),
     ("partner.test", "192.0.2.1", 250),
+    ("a..b", "192.0.2.1", 554),
+    ("a" * 64 + ".test", "192.0.2.1", 554),
 ])
 def test_helo_verify(tmp_path, name, peer, code):
     """--helo-verify: an allowed name, the client's address literal, or a name that
-    resolves to the client passes; anything else gets 554 5.7.1."""
+    resolves to the client passes; anything else gets 554 5.7.1, also a name the
+    resolver cannot even encode (an empty or 64-octet label), not a 451."""
     options = make_options(tmp_path, helo_verify=True, helo_allowed="partner.test")
     out = io.BytesIO()
     Session(io.BytesIO(b"HELO %s\r\n" % name.encode()), out, peer=peer, options=options).handle()
