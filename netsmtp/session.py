@@ -269,7 +269,10 @@ class Session(Policy):
 
     def received_header(self, envelope):
         """The Received trace header (RFC 5321 section 4.4) as wire bytes."""
-        client = "[%s]" % self.peer if self.peer else "local"
+        client = "local"
+        if self.peer:
+            # RFC 5321 section 4.1.3: an IPv6 address literal says "IPv6:".
+            client = "[%s%s]" % ("IPv6:" if ":" in self.peer else "", self.peer)
         lines = ["Received: from %s (%s)" % (printable(self.helo), printable(client))]
         if self.tls:
             # As Postfix writes it; RFC 8314 asks for the TLS facts in the trace.

@@ -333,6 +333,13 @@ def test_received_header(converse, spool):
     assert header.rsplit("\t", 1)[1][:3] in ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
+def test_received_names_an_ipv6_client_as_an_address_literal(converse, spool):
+    """An IPv6 client is [IPv6:...] in the trace header (RFC 5321 sections 4.1.3, 4.4)."""
+    converse([b"EHLO c.test", b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@mx.test>",
+              b"DATA", b"x\r\n."], peer="2001:db8::25")
+    assert received_of(spool).startswith("Received: from c.test ([IPv6:2001:db8::25])\r\n")
+
+
 def test_received_hides_recipients_of_a_multi_recipient_message(converse, spool):
     """With several recipients the header has no "for" clause; HELO gives SMTP."""
     converse([b"HELO c.test", b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@mx.test>",
