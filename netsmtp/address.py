@@ -27,7 +27,8 @@ PATH = re.compile(r"<(?:%s)?((%s|%s)@(%s|%s)|(?i:postmaster)|)>(?= |$)" % (
     _ROUTE, _DOT_ATOM, _QUOTED, _DOMAIN, _LITERAL))
 PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([^\x00-\x20=\x7f-\x9f]+))?")
 
-# RFC 5321 section 4.5.3.1: size limits of the parts of a path.
+# RFC 5321 section 4.5.3.1: size limits of the parts of a path, in octets
+# (the path's own includes its angle brackets).
 LOCAL_PART_LIMIT = 64
 DOMAIN_LIMIT = 255
 PATH_LIMIT = 256
@@ -49,7 +50,7 @@ def parse_path(text):
         raise AddressError("path")
     address = match.group(1)
     local, domain = match.group(2), match.group(3)
-    if (len(address) > PATH_LIMIT
+    if (len(address.encode()) + 2 > PATH_LIMIT
             or local and len(local.encode()) > LOCAL_PART_LIMIT
             or domain and len(domain.encode()) > DOMAIN_LIMIT):
         raise AddressError("path")

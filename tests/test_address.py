@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from netsmtp import address
 
 EVERY_CHARACTER = "".join(map(chr, range(0x110000)))
@@ -28,3 +30,15 @@ def test_quoted_string_and_parameter_values_keep_their_alphabets():
     for c in EVERY_CHARACTER:
         assert bool(address.PATH.fullmatch('<"%s"@d.test>' % c)) == bool(qtext.match(c)), hex(ord(c))
         assert bool(address.PARAM.fullmatch("K=" + c)) == bool(value.match(c)), hex(ord(c))
+
+
+def test_a_path_is_at_most_256_octets_with_its_brackets():
+    """RFC 5321 section 4.5.3.1.3 counts octets, brackets included: 254 octets of
+    address pass, 255 do not, and UTF-8 addresses (RFC 6531) count their octets."""
+    local, domain = "a" * 64, ".".join(["d" * 60] * 3) + ".test"  # 64 and 187 octets
+    assert address.parse_path("<%s@%sxx>" % (local, domain))[0] == "%s@%sxx" % (local, domain)
+    with pytest.raises(address.AddressError):
+        address.parse_path("<%s@%sxxx>" % (local, domain))
+    utf8_domain = ".".join(["\u00e9" * 31] * 4)  # 251 octets in 127 characters
+    with pytest.raises(address.AddressError):
+        address.parse_path("<%s@%s> SMTPUTF8" % ("\u00e9" * 32, utf8_domain))
