@@ -291,19 +291,21 @@ class Worker:
         """Serve one connection, then close it; errors end it, not the worker."""
         # Workers share nothing, so the per-client limits live in the spool.
         limits = SharedLimits(self.options) if limits_configured(self.options) else None
-        reason = None
+        reason = handler = None
         try:
             reason = limits.admit(client_address[0]) if limits else None
             if reason is not None:
                 refuse_connection(request, self.options, reason)
                 return
             handler = SessionHandler(request, client_address, self)
-            if handler.session.stopping:
-                self.stop_requested = True
         except Exception:
             log.exception("error serving %s", client_address)
         finally:
             self.listen_to_signals()
+            # Checked after the worker's handlers are back, so a stop that
+            # reached the session's handler at any moment is not lost.
+            if getattr(getattr(handler, "session", None), "stopping", False):
+                self.stop_requested = True
             if limits is not None and reason is None:
                 limits.release(client_address[0])
             try:
