@@ -187,7 +187,11 @@ class SharedLimits(Limits):
 
 
 class FailureLog:
-    """Recent failed AUTH attempts per client, shared through a file in the spool."""
+    """Recent failed AUTH attempts per client, shared through a file in the spool.
+
+    A success does not wipe the record: an attacker holding one account must
+    not be able to reset the slow-down of its guesses at the others.
+    """
 
     def __init__(self, spool_path, window=3600.0, clock=time.time):
         self.state = SharedState(os.path.join(spool_path, "locks", "auth-failures.json"))
@@ -209,7 +213,3 @@ class FailureLog:
             del doc[key][:-100]
             return len(doc[key])
         return self.state.update(change) or 1
-
-    def forget(self, peer):
-        """peer authenticated: its earlier failures no longer slow it down."""
-        self.state.update(lambda doc: doc.pop(peer or "local", None))
