@@ -176,7 +176,7 @@ SPEC = {opt.name: opt for opt in (
     Option("auth_file", None, parse_str,
            "file of user:hash lines (made by netsmtp-passwd); enables AUTH"),
     Option("auth_plaintext", False, parse_bool, "offer AUTH without TLS too"),
-    Option("require_auth", False, parse_bool, "refuse MAIL before AUTH (530 5.7.1)"),
+    Option("require_auth", False, parse_bool, "refuse MAIL before AUTH (530 5.7.0)"),
     Option("auth_fail_delay", 1.0, parse_delay,
            "seconds added to each failed AUTH per recent failure of the client"),
     # Defences: admission before the session, then limits within it.

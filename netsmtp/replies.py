@@ -43,8 +43,7 @@ REPLIES = MappingProxyType({
     "502 5.5.1": "%s not implemented",
     "503 5.5.1": "Bad sequence of commands",
     "504 5.5.4": "Unrecognized authentication mechanism %s",
-    "530 5.7.0": "Must issue a STARTTLS command first",
-    "530 5.7.1": "Authentication required",
+    "530 5.7.0": "Must issue %s first",  # RFC 3207 section 4, RFC 4954 section 6
     "535 5.7.8": "Authentication credentials invalid",
     "538 5.7.11": "Encryption required for requested authentication mechanism",
     "550 5.1.1": "Mailbox <%s> unavailable",
@@ -73,6 +72,17 @@ def printable(value, limit=256):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _argument(value, limit=200):
+    """An argument as a reply may carry it: printable ASCII, at most limit octets.
+
+    Replies stay ASCII, since the client may not have asked for SMTPUTF8
+    (RFC 6531 section 3.7.4), and short of the 512-octet reply line (RFC
+    5321 section 4.5.3.1.5) whatever a client echoes into them.
+    """
+    text = printable(value, limit).encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class SMTPError(Exception):
     """A refusal that carries its reply: the key of REPLIES and its arguments."""
 
@@ -98,8 +108,7 @@ def format_reply(key, *args, lines=(), replies=REPLIES):
     section 4.2.1).
     """
     code, _, enhanced = key.partition(" ")
-    first = replies[key] % tuple(
-        a if isinstance(a, int) else printable(a) for a in args)
+    first = replies[key] % tuple(a if isinstance(a, int) else _argument(a) for a in args)
     texts = [first, *(printable(line) for line in lines)]
     prefix = code + " " + enhanced + " " if enhanced else code + " "
     more = code + "-" + enhanced + " " if enhanced else code + "-"

@@ -206,10 +206,10 @@ def test_authenticated_clients_may_relay(auth):
 
 
 def test_require_auth(auth):
-    """--require-auth: MAIL before AUTH gets 530 5.7.1."""
+    """--require-auth: MAIL before AUTH gets 530 5.7.0 (RFC 4954 section 6)."""
     auth.options = auth.options.replace(require_auth=True)
     assert auth([*HELLO, b"MAIL FROM:<a@client.test>"])[-1] == (
-        530, ["530 5.7.1 Authentication required"])
+        530, ["530 5.7.0 Must issue an AUTH command first"])
     assert auth.codes([*HELLO, b"AUTH PLAIN " + plain(), b"MAIL FROM:<a@client.test>"])[-1] == 250
 
 

@@ -39,6 +39,12 @@ def test_no_control_character_reaches_the_wire(evil):
     assert not re.search("[\x80-\x9f]", data.decode()[:-2])
 
 
+def test_echoed_text_keeps_a_reply_short_and_ascii():
+    """Even 300 non-ASCII characters echoed make an ASCII reply under 512 octets."""
+    data = format_reply("252 2.1.5", "\u00e9\U0001f600" * 150)
+    assert data.isascii() and len(data) < 512
+
+
 def test_printable_bounds_length():
     """A long argument is cut, so a reply or log line stays short."""
     assert len(printable("x" * 10000)) < 300
