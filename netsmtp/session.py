@@ -21,6 +21,7 @@ log = logging.getLogger("netsmtp")
 COMMAND_LINE_LIMIT = 512
 LINE_LIMITS = {"MAIL": COMMAND_LINE_LIMIT + 600, "AUTH": 12288}
 LONGEST_LINE = max(LINE_LIMITS.values())
+OUTPUT_LIMIT = 64 * 1024  # queued reply octets before they are written anyway
 FREE_ERRORS = 3  # refusals before the tarpit's delay starts
 MAX_ERROR_DELAY = 10.0  # seconds; the tarpit's delay stops growing here
 MAX_AUTH_DELAY = 30.0  # seconds; the delay of a failed AUTH stops growing here
@@ -90,6 +91,7 @@ class Session(Policy):
         self.bad_commands = 0
         self.messages = 0
         self._out = []
+        self._out_size = 0
         self.tag = printable(peer or "local")
 
     # -- the connection loop ---------------------------------------------
@@ -124,6 +126,11 @@ class Session(Policy):
                 log.info("%s: lost connection in a transaction", self.tag)
         except OSError as exc:
             log.info("%s: connection error: %s", self.tag, exc)
+        except Exception:
+            # A bug outside any one command (a hook before the greeting, say):
+            # the client hears a temporary failure, never the exception.
+            log.exception("%s: internal error", self.tag)
+            self.reply("421 4.3.0", self.options.hostname)
         finally:
             self.idle = False
             try:
@@ -231,14 +238,22 @@ class Session(Policy):
             raise TimeoutError("command line took over %ss" % self.options.timeout)
 
     def reply(self, key, *args, lines=()):
-        """Queue a reply; it is written when the session next waits for input."""
+        """Queue a reply; it is written when the session next waits for input.
+
+        Past OUTPUT_LIMIT octets the queue is written at once, so a client
+        that pipelines thousands of EHLOs cannot make it grow without bound.
+        """
         self._out.append(format_reply(key, *args, lines=lines, replies=self.replies))
+        self._out_size += len(self._out[-1])
+        if self._out_size > OUTPUT_LIMIT:
+            self.flush()
 
     def flush(self):
         """Write the queued replies in one write (RFC 2920 section 3.1)."""
         if self._out:
             data = b"".join(self._out)
             self._out.clear()
+            self._out_size = 0
             self.wfile.write(data)
             self.wfile.flush()
 
@@ -313,6 +328,7 @@ class Session(Policy):
         except Exception as exc:  # ssl.SSLError, OSError, TLSConfigError
             log.warning("%s: TLS handshake failed: %s", self.tag, printable(exc))
             self._out.clear()
+            self._out_size = 0
             self.closing = True
             return False
         self.reader = LineReader(rfile, self.before_read)
@@ -412,9 +428,9 @@ class Session(Policy):
             self.closing = True
             return
         if self.options.require_tls and not self.tls:
-            raise SMTPError("530 5.7.0")
+            raise SMTPError("530 5.7.0", "a STARTTLS command")
         if self.options.require_auth and self.auth_user is None:
-            raise SMTPError("530 5.7.1")
+            raise SMTPError("530 5.7.0", "an AUTH command")
         if not arg or arg[:5].upper() != "FROM:":
             raise SMTPError("501 5.5.2", "MAIL FROM:<address>")
         try:

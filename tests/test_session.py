@@ -392,6 +392,16 @@ def test_pipelined_replies_come_in_order_in_one_write(options, spool):
     assert groups == [[220], [250], [250, 250, 250, 354], [250, 221]]
 
 
+def test_queued_replies_are_bounded(options, spool):
+    """Thousands of pipelined EHLOs are answered in bounded writes, not one huge one."""
+    from netsmtp.session import OUTPUT_LIMIT
+    out = Writes()
+    Session(Packets(b"EHLO c.test\r\n" * 5000), out, peer="192.0.2.1",
+            options=options, spool=spool).handle()
+    assert max(map(len, out.writes)) < OUTPUT_LIMIT + 1024
+    assert sum(len(replies_of(w)) for w in out.writes) == 5001
+
+
 # -- relay policy and hooks ---------------------------------------------------------
 
 @pytest.mark.parametrize("peer,rcpt,code", [
@@ -473,6 +483,18 @@ def test_check_message_refusal_keeps_nothing(strict, spool):
 class Broken(Session):
     def check_mail_from(self, address, params):
         raise RuntimeError("secret internal detail")
+
+
+class BrokenGreeting(Session):
+    def check_client(self, peer):
+        raise RuntimeError("secret internal detail")
+
+
+def test_bug_before_the_greeting_is_421(options, spool, caplog):
+    """An exception outside a command ends the session with 421 4.3.0, not silence."""
+    replies = Conversation(options, spool, session_class=BrokenGreeting)([b"EHLO c.test"])
+    assert replies == [(421, ["421 4.3.0 mx.test service not available, try again later"])]
+    assert "secret internal detail" in caplog.text
 
 
 def test_unexpected_error_is_451_without_detail(options, spool, caplog):
