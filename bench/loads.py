@@ -7,7 +7,6 @@ the 100 MB message, so the receiving process can be measured while the
 connection is still open.
 """
 
-import os
 import resource
 import socket
 import subprocess

@@ -4,6 +4,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +29,42 @@ def need_tool(name):
             pytest.fail("%s is not installed; .ci/run must install it" % name)
         pytest.skip("%s is not installed (apt-get install it to run this test)" % name)
     return path
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    """Poll a readiness condition (not a sleep standing in for one); returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.02)
+
+
+def free_port():
+    """A loopback port nothing listens on (for a peer that must be down, or xinetd)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid, state=None):
+    """The pids whose parent is pid (and whose state letter is state), from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as f:
+                # Field 2 (comm) may hold spaces or ")": split after the last ")".
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and (state is None or fields[0] == state.encode()):
+            found.add(int(entry))
+    return found
 
 
 def make_options(tmp_path, **overrides):

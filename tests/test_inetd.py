@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import IN_CI, ROOT, need_tool, replies_of, spooled
+from conftest import ROOT, free_port, need_tool, replies_of, spooled
 from netsmtp.envelope import Envelope
 from netsmtp.spool import Spool
 
@@ -128,12 +128,6 @@ def test_unwritable_spool_in_stdin_mode(tmp_path):
 def readme_block(kind):
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     return re.search(r"```%s\n(.*?)```" % kind, text, re.S).group(1)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def xinetd_config(tmp_path, port, spool):

@@ -7,40 +7,12 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 
-import pytest
 
-from conftest import ROOT, spooled
+from conftest import ROOT, children, spooled, wait_for
 from netsmtp.spool import Spool
 
 MESSAGE = b"Subject: prefork\r\n\r\nhello\r\n"
-
-
-def children(pid):
-    """The pids whose parent is pid, from /proc."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry, "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            # Field 4 is the ppid; field 2 (comm) may hold spaces, so split after ")".
-            if int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
-                found.add(int(entry))
-    return found
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    return predicate()
 
 
 def connect(port):

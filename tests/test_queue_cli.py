@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, spooled
+from conftest import ROOT, spooled, wait_for
 from smarthost import CaptureServer, put, run_cli
 
 from netsmtp.envelope import Envelope
@@ -201,13 +201,6 @@ def kill_tree(pid):
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_kill_during_data_leaves_no_entry(server, smarthost):

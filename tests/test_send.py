@@ -11,7 +11,7 @@ import tracemalloc
 
 import pytest
 import trustme
-from conftest import need_tool
+from conftest import free_port, need_tool
 from smarthost import CaptureServer, put, run_cli
 
 from netsmtp.envelope import Envelope
@@ -183,12 +183,6 @@ def test_one_connection_reused_and_a_dropped_one_replaced(spool, smarthost, pipe
         put(spool)
     assert send(spool, smarthost) == 0
     assert smarthost.connections == 1 + 3 and len(smarthost.messages) == 6
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_smarthost_down_defers_everything(spool, capsys):

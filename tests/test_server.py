@@ -15,18 +15,9 @@ import time
 
 import pytest
 
-from conftest import need_tool, spooled
+from conftest import children, need_tool, spooled, wait_for
 from netsmtp.envelope import Envelope
 from netsmtp.spool import Spool
-
-
-def wait_for(predicate, timeout=15, what="condition"):
-    """Poll a readiness condition (not a sleep standing in for one)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for " + what)
-        time.sleep(0.02)
 
 
 class Client:
@@ -52,20 +43,6 @@ class Client:
     def close(self):
         self.file.close()
         self.sock.close()
-
-
-def zombies_of(pid):
-    """How many children of pid are exited but not reaped (state Z in /proc)."""
-    count = 0
-    for name in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % name) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1] == str(pid) and fields[0] == "Z":
-            count += 1
-    return count
 
 
 def entries(path):
@@ -151,7 +128,7 @@ def test_concurrent_sessions(server_factory, runner):
         t.join()
     assert errors == [] and len(entries(server.spool)) == 20
 
-    wait_for(lambda: zombies_of(server.proc.pid) == 0, what="children to be reaped")
+    wait_for(lambda: not children(server.proc.pid, state="Z"), what="children to be reaped")
 
 
 def test_idle_timeout(server_factory, runner):
