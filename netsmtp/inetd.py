@@ -9,7 +9,6 @@ import select
 import signal
 import socket
 import stat
-import sys
 
 from .limits import SharedLimits, limits_configured, refusal
 from .session import Session, ShuttingDown
@@ -44,6 +43,27 @@ class PipeReader:
         return os.read(self.fd, size)
 
 
+class PipeWriter:
+    """write() to a pipe with a timeout, so a client that stops reading ends the session."""
+
+    def __init__(self, fd, timeout):
+        self.fd = fd
+        self.timeout = timeout
+
+    def write(self, data):
+        # A pipe select() calls writable has room for PIPE_BUF octets, so
+        # writes of at most that much never block.
+        view = memoryview(data)
+        while view:
+            _, ready, _ = select.select([], [self.fd], [], self.timeout)
+            if not ready:
+                raise TimeoutError("write timeout")
+            view = view[os.write(self.fd, view[:select.PIPE_BUF]):]
+
+    def flush(self):
+        pass
+
+
 def stdin_is_socket():
     return stat.S_ISSOCK(os.fstat(0).st_mode)
 
@@ -67,7 +87,7 @@ def serve_stdin(options, spool, session_class=Session):
     else:
         peer = os.environ.get("TCPREMOTEIP") or os.environ.get("REMOTE_HOST") or None
         transport = PipeTransport(0)
-        rfile, wfile = PipeReader(0, options.timeout), sys.stdout.buffer
+        rfile, wfile = PipeReader(0, options.timeout), PipeWriter(1, options.timeout)
     limits = None
     if limits_configured(options):
         # Each inetd process is one session: the counts live in the spool.

@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -99,6 +100,25 @@ def test_idle_timeout_on_a_pipe(tmp_path):
     proc.stdin.close()
     proc.stdout.close()
     proc.stderr.close()
+
+
+def test_client_that_stops_reading_a_pipe_times_out(tmp_path):
+    """Replies nobody reads fill the pipe; the write times out and the session ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netsmtp", "--stdin", "--spool", str(tmp_path / "s"),
+         "--hostname", "mx.test", "--timeout", "0.5", "--max-bad-commands", "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    def feed():
+        try:
+            proc.stdin.write(b"NOOP\r\n" * 40000)
+        except BrokenPipeError:
+            pass  # the server has gone, as it should
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        assert proc.wait(30) == 0  # stdout is never read
+    finally:
+        proc.kill()
+    assert b"timeout" in proc.stderr.read()
 
 
 def test_stdin_mode_imports_only_what_a_session_needs(tmp_path):
