@@ -511,18 +511,19 @@ class Session(Policy):
         envelope.id = new_queue_id()
         envelope.arrival = time.time()
         envelope.protocol = self.protocol
-        writer = None
         try:
             writer = self.spool.create(envelope)
-            writer.write(self.received_header(envelope))
         except OSError as exc:
-            if writer is not None:
-                writer.close()
             log.error("%s: spool: %s", self.tag, exc)
             self.reset_transaction()
             raise SMTPError("452 4.3.1") from None
-        self.reply("354")
-        try:
+        try:  # from here on, whatever happens, close() drops an unfinished entry
+            try:
+                writer.write(self.received_header(envelope))
+            except OSError as exc:
+                log.error("%s: spool: %s", self.tag, exc)
+                raise SMTPError("452 4.3.1") from None
+            self.reply("354")
             self.receive(envelope, writer)
         finally:
             writer.close()

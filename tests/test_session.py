@@ -526,6 +526,17 @@ def test_entry_is_fsynced_and_renamed_before_250(options, spool, monkeypatch):
     assert events == ["fsync", "rename", "fsync", "250"]
 
 
+class BrokenTrace(Session):
+    def received_header(self, envelope):
+        raise RuntimeError("bug in an override")
+
+
+def test_bug_in_received_header_leaves_no_debris(options, spool):
+    """An exception from an overridden received_header() is 451, and tmp/ stays empty."""
+    replies = Conversation(options, spool, session_class=BrokenTrace)(RECIPIENT + [b"DATA"])
+    assert replies[-1][0] == 451 and os.listdir(spool.tmp) == [] and spooled(spool) == []
+
+
 class FullDisk(Spool):
     """A spool whose writes fail as on a full disk."""
 
