@@ -38,7 +38,9 @@ class Policy:
     def check_client(self, peer):
         """Called once before the greeting with the client address (or None).
 
-        Raise SMTPError (e.g. "554 5.7.1") to refuse the connection.
+        Raise SMTPError to refuse the client: after a 554 (e.g. "554
+        5.7.1") every command but QUIT gets 503 (RFC 5321 section 3.1); a
+        421 closes the connection at once.
         """
 
     def check_helo(self, name):

@@ -9,7 +9,7 @@ from .options import Options
 from .policy import Policy
 from .replies import REPLIES, SMTPError, format_reply, printable
 from .spool import Spool, new_queue_id
-from .states import PREDECESSORS, UNIMPLEMENTED, State, is_allowed
+from .states import IDLE, PREDECESSORS, UNIMPLEMENTED, State, is_allowed
 from .wire import DataProblem, HeaderSection, LineReader, LineTooLong
 
 log = logging.getLogger("netsmtp")
@@ -102,19 +102,13 @@ class Session(Policy):
         started = time.monotonic()
         self.session_deadline = started + self.options.session_timeout
         try:
-            try:
-                if self.options.tls_on_connect and not self.tls_on_connect():
-                    return
-                self.check_client(self.peer)
-                self.greet_pause()
-            except SMTPError as refusal:
-                log.info("%s: refused: %s", self.tag, refusal)
-                self.reply(refusal.key, *refusal.args_)
+            if self.options.tls_on_connect and not self.tls_on_connect():
                 return
-            self.reply("220", self.options.hostname)
+            if not self.welcome():
+                return
             while not self.closing:
                 self.handle_command()
-                if self.stopping and self.state in (State.CONNECTED, State.READY):
+                if self.stopping and self.state in IDLE:
                     raise ShuttingDown
         except ShuttingDown:
             self.reply("421 4.3.2", self.options.hostname)
@@ -122,7 +116,7 @@ class Session(Policy):
             log.info("%s: timeout", self.tag)
             self.reply("421 4.4.2", self.options.hostname)
         except EOFError:
-            if self.state not in (State.CONNECTED, State.READY):
+            if self.state not in IDLE:
                 log.info("%s: lost connection in a transaction", self.tag)
         except OSError as exc:
             log.info("%s: connection error: %s", self.tag, exc)
@@ -142,9 +136,32 @@ class Session(Policy):
                      self.tag, printable(self.helo), self.messages, self.bad_commands,
                      time.monotonic() - started)
 
+    def welcome(self):
+        """Say 220, or refuse the client; False when the session is over.
+
+        A 554 from check_client does not hang up: RFC 5321 section 3.1 has
+        the client QUIT, and every other command gets 503 meanwhile (the
+        REFUSED state).  Any other refusal, and an early talker, is closed.
+        """
+        try:
+            self.check_client(self.peer)
+        except SMTPError as refusal:
+            log.info("%s: refused: %s", self.tag, refusal)
+            self.reply(refusal.key, *refusal.args_)
+            self.state = State.REFUSED
+            return refusal.code == 554
+        try:
+            self.greet_pause()
+        except SMTPError as refusal:
+            log.info("%s: refused: %s", self.tag, refusal)
+            self.reply(refusal.key, *refusal.args_)
+            return False
+        self.reply("220", self.options.hostname)
+        return True
+
     def handle_command(self):
         """Read one command line, check its sequence and run its verb."""
-        self.idle = self.state in (State.CONNECTED, State.READY)
+        self.idle = self.state in IDLE
         if self.idle and self.stopping:
             raise ShuttingDown
         self.command_deadline = time.monotonic() + self.options.timeout

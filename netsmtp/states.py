@@ -15,10 +15,13 @@ class State(enum.Enum):
     READY = "ready"          # HELO/EHLO done, no transaction
     MAIL = "mail"            # MAIL FROM accepted, no recipient yet
     RCPT = "rcpt"            # at least one RCPT TO accepted
+    REFUSED = "refused"      # greeted with 554: only QUIT (RFC 5321 section 3.1)
 
 
-ANY = frozenset(State)
+ANY = frozenset(State) - {State.REFUSED}
 GREETED = frozenset({State.READY, State.MAIL, State.RCPT})
+# No transaction open: a stopping server may close such a session at once.
+IDLE = frozenset({State.CONNECTED, State.READY, State.REFUSED})
 
 # RFC 5321 section 4.1.4: HELO/EHLO may come at any time and reset the
 # transaction; MAIL needs a greeting and no open transaction; DATA needs a
@@ -32,7 +35,7 @@ PREDECESSORS = {
     "DATA": frozenset({State.RCPT}),
     "RSET": ANY,
     "NOOP": ANY,
-    "QUIT": ANY,
+    "QUIT": ANY | {State.REFUSED},
     "HELP": ANY,
     "VRFY": ANY,
     "EXPN": ANY,

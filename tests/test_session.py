@@ -456,9 +456,24 @@ def strict(options, spool):
     return Conversation(options, spool, session_class=Strict)
 
 
-def test_check_client_refuses_before_greeting(strict):
-    """A refused client gets 554 instead of 220 and the session ends."""
-    assert strict([b"EHLO c.test"], peer="203.0.113.66") == [(554, ["554 5.7.1 Access denied: blocked"])]
+def test_check_client_refuses_before_greeting(strict, spool):
+    """A refused client gets 554 instead of 220, then 503 to all but QUIT (RFC 5321 3.1)."""
+    replies = strict([b"EHLO c.test", b"MAIL FROM:<a@client.test>", b"QUIT", b"NOOP"],
+                     peer="203.0.113.66")
+    assert replies == [(554, ["554 5.7.1 Access denied: blocked"]),
+                       (503, ["503 5.5.1 Bad sequence of commands"]),
+                       (503, ["503 5.5.1 Bad sequence of commands"]),
+                       (221, ["221 2.0.0 mx.test closing connection"])]
+
+
+class Busy(Session):
+    def check_client(self, peer):
+        raise SMTPError("421 4.7.0", "mx.test", "too busy")
+
+
+def test_a_421_refusal_closes_at_once(options, spool):
+    """A 421 from check_client means closing: nothing more is read."""
+    assert Conversation(options, spool, session_class=Busy).codes([b"EHLO c.test"]) == [421]
 
 
 def test_check_mail_from_refusal(strict):

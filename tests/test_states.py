@@ -2,6 +2,9 @@
 
 import pytest
 
+from conftest import Conversation
+from netsmtp.replies import SMTPError
+from netsmtp.session import Session
 from netsmtp.states import PREDECESSORS, State, is_allowed
 
 # A command sequence that leaves a fresh session in each state.
@@ -10,7 +13,15 @@ REACH = {
     State.READY: [b"EHLO client.test"],
     State.MAIL: [b"EHLO client.test", b"MAIL FROM:<a@client.test>"],
     State.RCPT: [b"EHLO client.test", b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@mx.test>"],
+    State.REFUSED: [],  # reached by the refusing session below
 }
+
+
+class Refusing(Session):
+    """Greets every client with 554, which leaves it in State.REFUSED."""
+
+    def check_client(self, peer):
+        raise SMTPError("554 5.7.1", "refused")
 
 # A well-formed use of each verb; DATA carries its message.
 COMMAND = {
@@ -54,15 +65,19 @@ def test_table_orders_the_transaction():
     assert not is_allowed("RCPT", State.READY)
     assert not is_allowed("DATA", State.MAIL)
     assert is_allowed("DATA", State.RCPT)
-    assert all(is_allowed(v, s) for v in ("RSET", "NOOP", "QUIT", "HELP", "EHLO") for s in State)
+    open_states = set(State) - {State.REFUSED}
+    assert all(is_allowed(v, s) for v in ("RSET", "NOOP", "QUIT", "HELP", "EHLO") for s in open_states)
+    assert [v for v in PREDECESSORS if is_allowed(v, State.REFUSED)] == ["QUIT"]
 
 
 @pytest.mark.parametrize("verb,state", CASES, ids=["%s-in-%s" % (v, s.name) for v, s in CASES])
 def test_verb_in_state(converse, verb, state):
     """A verb out of sequence gets 503 5.5.1 and changes nothing; in sequence it is not 503."""
     command = COMMAND[verb] if is_allowed(verb, state) else COMMAND[verb].split(b"\r\n")[0]
+    if state is State.REFUSED:
+        converse = Conversation(converse.options, converse.spool, session_class=Refusing)
     replies = converse([*REACH[state], command])
-    prefix = [220] + [250] * len(REACH[state])
+    prefix = [554 if state is State.REFUSED else 220] + [250] * len(REACH[state])
     assert [code for code, _ in replies[:len(prefix)]] == prefix
     answer = replies[len(prefix):]
     if verb == "DATA" and is_allowed(verb, state):
