@@ -18,6 +18,7 @@ session there is its process id, and the entries of dead processes expire.
 FailureLog counts failed AUTH attempts per client in the same way.
 """
 
+import ipaddress
 import json
 import logging
 import os
@@ -29,6 +30,25 @@ log = logging.getLogger("netsmtp.limits")
 
 MAX_TRACKED = 100_000  # rate entries kept at most; the oldest go first
 LOCK_TIMEOUT = 5.0  # seconds; past it a session is let in rather than hung
+
+
+def client_key(peer):
+    """Whom a connection counts against: its IPv4 address, or its IPv6 /64.
+
+    One IPv6 host commonly holds a whole /64; counting by full address would
+    let it step around every per-client limit.
+    """
+    if not peer:
+        return "local"
+    try:
+        address = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:
+        return peer
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network((address, 64), strict=False))
 
 
 def refusal(options, reason):
@@ -70,7 +90,7 @@ class Limits:
 
     def admit(self, peer):
         """None when a session from peer may start now, else the reason it may not."""
-        key = peer or "local"
+        key = client_key(peer)
         now = self.clock()
         self.expire(now)
         reason = self.refusal_reason(key, now)
@@ -84,7 +104,7 @@ class Limits:
 
     def release(self, peer):
         """The session of peer that admit() let in has ended."""
-        key = peer or "local"
+        key = client_key(peer)
         count = self.sessions.get(key, 0) - 1
         if count > 0:
             self.sessions[key] = count
@@ -174,7 +194,7 @@ class SharedLimits(Limits):
                 self.sessions[key] = self.sessions.get(key, 0) + 1
             reason = Limits.admit(self, peer)
             if reason is None:
-                pids[os.getpid()] = peer or "local"
+                pids[os.getpid()] = client_key(peer)
             doc["starts"] = self.starts
             doc["sessions"] = {str(pid): key for pid, key in pids.items()}
             return reason
@@ -200,7 +220,7 @@ class FailureLog:
 
     def record(self, peer):
         """Count one failure of peer; returns its failures within the window."""
-        key, now = peer or "local", self.clock()
+        key, now = client_key(peer), self.clock()
 
         def change(doc):
             for client in list(doc):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, make_options, replies_of, spooled
-from netsmtp.limits import Limits, SharedLimits
+from netsmtp.limits import Limits, SharedLimits, client_key
 from netsmtp.session import Session
 
 RUNNERS = {"fork": ["--workers", "0"], "prefork": ["--workers", "2"]}
@@ -64,6 +64,23 @@ def test_limits_count_rate_and_concurrency(tmp_path):
     assert concurrent.admit("192.0.2.3") == "too many sessions"
     concurrent.release("192.0.2.1")
     assert concurrent.admit("192.0.2.3") is None
+
+
+@pytest.mark.parametrize("peer,key", [
+    ("192.0.2.1", "192.0.2.1"), ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("::ffff:192.0.2.1", "192.0.2.1"), (None, "local"),
+])
+def test_client_key(peer, key):
+    """Limits count IPv4 addresses, IPv6 /64s (one host's usual share) and local sessions."""
+    assert client_key(peer) == key
+
+
+def test_one_ipv6_slash_64_is_one_client(tmp_path):
+    """Two addresses of one /64 share a per-client limit; another /64 does not."""
+    limits = Limits(make_options(tmp_path, max_sessions_per_client=1))
+    assert limits.admit("2001:db8:0:1::1") is None
+    assert limits.admit("2001:db8:0:1::2") == "too many sessions from your address"
+    assert limits.admit("2001:db8:0:2::1") is None
 
 
 def test_shared_limits_forget_dead_processes(tmp_path):
