@@ -115,16 +115,22 @@ def test_starttls_sequence(server_factory, tls_files):
             assert read_reply(tls).startswith(b"503 5.5.1")
 
 
+def after_starttls(port):
+    """A plain connection that said EHLO and STARTTLS and got 220: the handshake is next."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    read_reply(raw)
+    raw.sendall(b"EHLO client.test\r\n")
+    read_reply(raw)
+    raw.sendall(b"STARTTLS\r\n")
+    assert read_reply(raw).startswith(b"220 2.0.0")
+    return raw
+
+
 def test_failed_handshake_is_logged_and_closes(server_factory, tls_files):
     """Plaintext where a ClientHello belongs: the handshake fails, is logged, and
     the connection is closed without another reply."""
     server = tls_server(server_factory, tls_files)
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        read_reply(raw)
-        raw.sendall(b"EHLO client.test\r\n")
-        read_reply(raw)
-        raw.sendall(b"STARTTLS\r\n")
-        assert read_reply(raw).startswith(b"220 2.0.0")
+    with after_starttls(server.port) as raw:
         raw.sendall(b"HELO not-a-client-hello\r\n" * 4)
         rest = b""
         try:
@@ -140,12 +146,7 @@ def test_failed_handshake_is_logged_and_closes(server_factory, tls_files):
 def test_handshake_timeout(server_factory, tls_files):
     """A client that says STARTTLS and then nothing is dropped after --tls-timeout."""
     server = tls_server(server_factory, tls_files, "--tls-timeout", "0.5")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        read_reply(raw)
-        raw.sendall(b"EHLO client.test\r\n")
-        read_reply(raw)
-        raw.sendall(b"STARTTLS\r\n")
-        assert read_reply(raw).startswith(b"220 2.0.0")
+    with after_starttls(server.port) as raw:
         started = time.monotonic()
         assert raw.recv(4096) == b""
         assert time.monotonic() - started < 5
