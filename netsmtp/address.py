@@ -7,6 +7,7 @@ address literal.  Non-ASCII characters are allowed by the grammar here
 (RFC 6531); the session refuses them unless SMTPUTF8 was given.
 """
 
+import ipaddress
 import re
 
 # Each class is ASCII characters plus all of U+00A0..U+10FFFF, written as
@@ -78,3 +79,14 @@ def parse_params(text):
 def domain_of(address):
     """The lower-cased domain of an address; "" for <> and <postmaster>."""
     return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def ip_of(text):
+    """The ip_address of a client address as text (IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address

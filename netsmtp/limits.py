@@ -24,6 +24,7 @@ import logging
 import os
 import time
 
+from .address import ip_of
 from .replies import format_reply
 
 log = logging.getLogger("netsmtp.limits")
@@ -40,14 +41,11 @@ def client_key(peer):
     """
     if not peer:
         return "local"
-    try:
-        address = ipaddress.ip_address(peer.partition("%")[0])
-    except ValueError:
+    address = ip_of(peer)
+    if address is None:
         return peer
     if address.version == 4:
         return str(address)
-    if address.ipv4_mapped:
-        return str(address.ipv4_mapped)
     return str(ipaddress.ip_network((address, 64), strict=False))
 
 

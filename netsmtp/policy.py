@@ -5,11 +5,10 @@ with the reply to send; the session turns the error into that reply and
 changes nothing else.  Override them in a Session subclass.
 """
 
-import ipaddress
 import re
 import socket
 
-from .address import domain_of
+from .address import domain_of, ip_of
 from .replies import SMTPError
 
 # RFC 5322 section 3.6.8: a field name is printable ASCII but the colon;
@@ -53,16 +52,16 @@ class Policy:
             return
         if name.lower().rstrip(".") in (self.options.helo_allowed or ()):
             return
-        client = _address(self.peer)
+        client = ip_of(self.peer)
         if name.startswith("["):
             # RFC 5321 section 4.1.3: [192.0.2.1] or [IPv6:2001:db8::1].
             literal = name[1:-1]
             literal = literal[5:] if literal[:5].lower() == "ipv6:" else literal
-            if name.endswith("]") and client is not None and _address(literal) == client:
+            if name.endswith("]") and client is not None and ip_of(literal) == client:
                 return
             raise SMTPError("554 5.7.1", "HELO address literal is not your address")
         try:
-            found = {_address(info[4][0]) for info in socket.getaddrinfo(name, None)}
+            found = {ip_of(info[4][0]) for info in socket.getaddrinfo(name, None)}
         except socket.gaierror as exc:
             if exc.errno == socket.EAI_AGAIN:
                 raise SMTPError("450 4.7.1", "cannot resolve the HELO name now") from None
@@ -124,17 +123,7 @@ class Policy:
         """True when this client may send to any domain."""
         if self.peer is None or self.auth_user is not None:
             return True
-        address = _address(self.peer)
+        address = ip_of(self.peer)
         return address is not None and any(
             address in net for net in self.options.relay_networks)
 
-
-def _address(text):
-    """An ip_address of text (IPv4-mapped IPv6 as IPv4), or None."""
-    try:
-        address = ipaddress.ip_address(text.partition("%")[0])
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
