@@ -10,7 +10,6 @@ characters on the wire.
 from types import MappingProxyType
 
 REPLIES = MappingProxyType({
-    "211 2.0.0": "%s",
     "214 2.0.0": "%s",
     "220": "%s ESMTP netsmtp ready",
     "221 2.0.0": "%s closing connection",

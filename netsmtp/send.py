@@ -15,7 +15,6 @@ from .replies import printable
 log = logging.getLogger("netsmtp.send")
 
 CHUNK = 64 * 1024
-TLS_MODES = ("off", "opportunistic", "required")
 
 
 class SmarthostUnusable(Exception):

@@ -39,10 +39,6 @@ class Busy(Exception):
     """Another process has claimed this entry."""
 
 
-class NotAnEntry(ValueError):
-    """A path named on a command line that is no spool entry."""
-
-
 def new_queue_id():
     """A queue id unique without coordination, sortable by arrival, file-name safe.
 
@@ -138,13 +134,8 @@ class Spool:
         os.rename(tmp_path, self.state_path(queue_id))
         fsync_directory(self.path)
 
-    def remove(self, queue_id):
-        """Remove a finished entry: the message durably first, then its state."""
-        self.unlink_message(queue_id)
-        self.finish_removals([queue_id])
-
     def unlink_message(self, queue_id):
-        """First half of remove(): the message goes, not yet durably.
+        """First half of removing a finished entry: the message goes, not yet durably.
 
         Several removals may share one directory fsync (finish_removals);
         until then a crash may bring a message back, to be sent again.
@@ -152,7 +143,7 @@ class Spool:
         os.unlink(self.entry_path(queue_id))
 
     def finish_removals(self, queue_ids):
-        """Second half of remove(): fsync the directory, then drop the states.
+        """Second half of removing entries: fsync the directory, then drop the states.
 
         A crash in between leaves orphan ID.state files, which clean()
         removes; the other order could bring back a message without the
@@ -335,9 +326,7 @@ class SpoolWriter:
             fd = os.open(self.tmp_path, flags, 0o600)
         self.file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
         self.committed = False
-        self.header_size = 0
         self.write(envelope.freeze())
-        self.header_size = self.file.tell()
 
     def write(self, data):
         self.file.write(data)

@@ -19,7 +19,6 @@ class State(enum.Enum):
 
 
 ANY = frozenset(State) - {State.REFUSED}
-GREETED = frozenset({State.READY, State.MAIL, State.RCPT})
 # No transaction open: a stopping server may close such a session at once.
 IDLE = frozenset({State.CONNECTED, State.READY, State.REFUSED})
 

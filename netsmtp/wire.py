@@ -52,10 +52,6 @@ class LineReader:
             raise EOFError("connection closed by client")
         self.buf += chunk
 
-    def pending(self):
-        """True when input is already buffered (the client pipelined)."""
-        return bool(self.buf)
-
     def discard(self):
         """Forget buffered input, as after STARTTLS (RFC 3207 section 4.2)."""
         self.buf.clear()
