@@ -3,8 +3,8 @@
 A Delivery takes a thawed envelope and some of its recipients and returns
 one Result per recipient, an SMTP reply: 2xx delivered, 4xx try again
 later, 5xx failed for good.  The route table (option `routes`) picks a
-Delivery by recipient domain; netsmtp.send.SmarthostDelivery forwards with
-smtplib, MaildirDelivery below writes to local mailboxes.
+Delivery by recipient domain; netsmtp.smarthost.SmarthostDelivery forwards with
+smtplib, netsmtp.maildir.MaildirDelivery writes to local mailboxes.
 
 Plug in your own delivery by subclassing Delivery and naming it in the
 runner's table of deliveries:
@@ -24,15 +24,10 @@ with `routes = {"archive.example" = "archive", "*" = "smarthost"}` in the
 config file.
 """
 
-import logging
-import os
 from collections import namedtuple
 
 from .address import domain_of
 from .envelope import DEFERRED, DELIVERED, FAILED
-
-log = logging.getLogger("netsmtp.delivery")
-
 
 class Result(namedtuple("Result", "code text")):
     """An SMTP reply for one recipient: code (int) and text (with the enhanced code)."""
@@ -71,69 +66,6 @@ class Delivery:
 
     def close(self):
         pass
-
-
-class MaildirDelivery(Delivery):
-    """Delivers to MAILDIR_ROOT/<localpart>/ (a Maildir, created on first use).
-
-    Local parts are lower-cased; one that could name another directory
-    (with "/", a leading "." or a NUL) is refused with 550.  The message
-    gets Return-Path and Delivered-To headers (RFC 5321 section 4.4) and is
-    fsync'd before the spool entry is let go.
-    """
-
-    name = "maildir"
-
-    def describe(self):
-        return "maildir %s" % self.options.maildir_root
-
-    def deliver(self, envelope, recipients):
-        return {r: self.deliver_one(envelope, r) for r in recipients}
-
-    def deliver_one(self, envelope, recipient):
-        import mailbox
-        root = self.options.maildir_root
-        if root is None:
-            return Result(451, "4.3.5 no maildir_root configured")
-        local = recipient.rpartition("@")[0] if "@" in recipient else recipient
-        local = local.lower()
-        if not local or local[0] in '."' or "/" in local or "\0" in local:
-            return Result(550, "5.1.1 no mailbox for local part %r" % local)
-        path = os.path.join(root, local)
-        try:
-            os.makedirs(root, mode=0o700, exist_ok=True)
-            folder = mailbox.Maildir(path, create=True)
-            prefix = b"Return-Path: <%s>\r\nDelivered-To: %s\r\n" % (
-                envelope.sender.encode(), recipient.encode())
-            with envelope.open() as message:
-                key = folder.add(_Prefixed(prefix, message))
-            # mailbox does not fsync; the spool entry goes once this returns.
-            fd = os.open(os.path.join(path, "new", key), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            from .spool import fsync_directory
-            fsync_directory(os.path.join(path, "new"))
-        except OSError as exc:
-            log.error("maildir %s: %s", path, exc)
-            return Result(451, "4.3.0 maildir %s: %s" % (local, exc.strerror or exc))
-        return Result(250, "2.0.0 delivered to maildir %s as %s" % (local, key))
-
-
-class _Prefixed:
-    """A binary file with some header lines in front, read line by line by mailbox."""
-
-    def __init__(self, prefix, file):
-        self.lines = prefix.splitlines(keepends=True)
-        self.file = file
-
-    def readline(self, size=-1):
-        return self.lines.pop(0) if self.lines else self.file.readline(size)
-
-    def read(self, size=-1):
-        head, self.lines = b"".join(self.lines), []
-        return head + self.file.read(size)
 
 
 class Routes:

@@ -12,10 +12,11 @@ import os
 import time
 
 from .bounce import spool_bounce
-from .delivery import MaildirDelivery, Result, Routes
+from .delivery import Result, Routes
 from .envelope import BOUNCED, DEFERRED, DROPPED, FAILED, PENDING, Envelope
+from .maildir import MaildirDelivery
 from .replies import printable
-from .send import SmarthostDelivery
+from .smarthost import SmarthostDelivery
 from .spool import Busy, Spool
 
 log = logging.getLogger("netsmtp.runner")

@@ -12,7 +12,7 @@ import ssl
 from .delivery import Delivery, Result
 from .replies import printable
 
-log = logging.getLogger("netsmtp.send")
+log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 
