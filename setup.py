@@ -6,6 +6,8 @@ setup(
     description="A small, fast, durable SMTP server: a library and a daemon",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    classifiers=["License :: OSI Approved :: MIT License"],
     packages=["netsmtp"],
     python_requires=">=3.11",
     # 3.20.3 fixes the lock-file symlink races CVE-2025-68146 and CVE-2026-22701.

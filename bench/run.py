@@ -86,7 +86,7 @@ def median(values):
 def ratios(results, name, key="value", inverse=False):
     """The per-run ratio of name to Postfix; inverse for times (lower is better)."""
     out = []
-    for mine, base in zip(results.get(name, []), results.get(BASELINE, [])):
+    for mine, base in zip(results.get(name, []), results.get(BASELINE, []), strict=False):
         if mine and base and mine.get(key) and base.get(key):
             out.append(base[key] / mine[key] if inverse else mine[key] / base[key])
     return out
@@ -210,7 +210,7 @@ def main(argv=None):
     parser.add_argument("--no-install", action="store_true", help="do not apt-get/pip install")
     args = parser.parse_args(argv)
     peer_names = [p for p in args.peers.split(",") if p]
-    load_names = [l for l in args.loads.split(",") if l]
+    load_names = [load for load in args.loads.split(",") if load]
     unknown = sorted(set(peer_names) - set(PEERS)) + sorted(
         set(load_names) - set(all_loads) - set(extra_loads))
     if unknown:
@@ -257,7 +257,7 @@ def main(argv=None):
                     "%.0f conn/s, %.1f ms CPU per connection; `python3 -c pass`: %.0f runs/s, "
                     "%.1f ms CPU per run (CPU ratio %.2fx)." % (
                         conn, cpu, floor_rate, floor_cpu, cpu / floor_cpu))
-            for number, (mine, base) in enumerate(zip(stdin, floor), 1):
+            for number, (mine, base) in enumerate(zip(stdin, floor, strict=False), 1):
                 for metric, value in (mine or {}).items():
                     extra_csv.append(["stdin", "netsmtp-stdin", number,
                                       "conn/s" if metric == "value" else metric, value])

@@ -172,7 +172,7 @@ class SmarthostDelivery(Delivery):
         mail_reply, rcpt_replies, data_reply = replies[0], replies[1:len(rcpts) + 1], (
             replies[len(rcpts) + 1] if len(replies) == len(rcpts) + 2 else None)
         accepted = []
-        for recipient, reply in zip(recipients, rcpt_replies):
+        for recipient, reply in zip(recipients, rcpt_replies, strict=False):
             if not 200 <= mail_reply.code < 300:
                 results[recipient] = mail_reply
             elif 200 <= reply.code < 300:

@@ -109,7 +109,7 @@ class Conversation:
 
     def __call__(self, data, peer=None):
         if isinstance(data, (list, tuple)):
-            data = b"".join(l if l.endswith(b"\n") else l + b"\r\n" for l in data)
+            data = b"".join(line if line.endswith(b"\n") else line + b"\r\n" for line in data)
         out = io.BytesIO()
         self.session = self.session_class(
             io.BytesIO(data), out, peer=self.peer if peer is None else peer,

@@ -173,7 +173,7 @@ def test_under_xinetd(tmp_path):
     import smtplib
     xinetd = need_tool("xinetd")
     spool = str(tmp_path / "spool")
-    for attempt in range(5):
+    for _attempt in range(5):
         port = free_port()
         conf = tmp_path / "xinetd.conf"
         conf.write_text(xinetd_config(tmp_path, port, spool))

@@ -43,9 +43,9 @@ def test_ehlo_advertises_the_extensions(converse):
     code, lines = converse(HELLO)[1]
     assert code == 250
     assert lines[0] == "250-mx.test greets client.test"
-    assert [l[4:] for l in lines[1:]] == [
+    assert [line[4:] for line in lines[1:]] == [
         "PIPELINING", "SIZE 20000000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "HELP"]
-    assert lines[-1].startswith("250 ") and all(l.startswith("250-") for l in lines[:-1])
+    assert lines[-1].startswith("250 ") and all(line.startswith("250-") for line in lines[:-1])
 
 
 def test_helo_is_one_line_and_plain_smtp(converse):
@@ -536,7 +536,7 @@ def test_entry_is_fsynced_and_renamed_before_250(options, spool, monkeypatch):
                 events.append("250")
             return super().write(data)
 
-    Session(io.BytesIO(b"".join(l + b"\r\n" for l in RECIPIENT + [b"DATA", b"x\r\n."])),
+    Session(io.BytesIO(b"".join(line + b"\r\n" for line in RECIPIENT + [b"DATA", b"x\r\n."])),
             Out(), peer="192.0.2.1", options=options, spool=spool).handle()
     assert events == ["fsync", "rename", "fsync", "250"]
 
