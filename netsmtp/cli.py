@@ -102,7 +102,11 @@ def main(argv=None):
         parser.error("--tls-on-connect needs --tls-cert")
     if options.require_auth and not options.auth_file:
         parser.error("--require-auth needs --auth-file")
+    if options.sink and options.stdin:
+        parser.error("--sink cannot be used with --stdin: stdout is the SMTP session there")
     setup_logging(options, protocol_on_stdio=options.stdin)
+    if options.sink:
+        return sink_main(options)
 
     from .spool import Spool
     spool = Spool(options.spool)
@@ -124,6 +128,29 @@ def main(argv=None):
         serve_stdin(options, spool)
         return 0
 
+    return serve(options, spool)
+
+
+def sink_main(options):
+    """--sink: serve with a Sink for a spool; limits' state lives in a temporary directory."""
+    import tempfile
+    from .sink import Sink, SinkSession, is_loopback
+    if not is_loopback(options.listen[0]):
+        log.warning("--sink listens on %s, not a loopback address: anyone who can reach it "
+                    "can send it mail to print", options.listen[0] or "*")
+    sink = Sink(options.sink_dir)
+    try:
+        sink.prepare()
+    except OSError as exc:
+        print("netsmtp: error: cannot use --sink-dir %s: %s" % (
+            options.sink_dir, exc.strerror or exc), file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="netsmtp-sink-") as state:
+        return serve(options.replace(spool=state), sink, SinkSession)
+
+
+def serve(options, spool, session_class=None):
+    """Listen on options.listen and serve until SIGTERM or SIGINT; the exit code."""
     if options.tls_cert:
         # Fail at start, not at the first STARTTLS; sessions reload it later.
         from .tls import TLSConfigError, server_context
@@ -132,13 +159,13 @@ def main(argv=None):
         except TLSConfigError as exc:
             print("netsmtp: error: %s" % exc, file=sys.stderr)
             return 1
-
+    from .session import Session
     if options.workers:
         from .prefork import PreforkServer as Server
     else:
         from .server import ForkingServer as Server
     try:
-        server = Server(options, spool)
+        server = Server(options, spool, session_class or Session)
     except OSError as exc:
         print("netsmtp: error: cannot listen on %s:%d: %s" % (
             *options.listen, exc.strerror or exc), file=sys.stderr)

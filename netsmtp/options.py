@@ -222,6 +222,11 @@ SPEC = {opt.name: opt for opt in (
     Option("retry_max", "4h", parse_duration, "longest retry delay"),
     Option("max_queue_lifetime", "5d", parse_duration,
            "age after which recipients still deferred are bounced"),
+    # Development and filters (netsmtp.sink, netsmtp.policy_service, netsmtp.milter).
+    Option("sink", False, parse_bool,
+           "accept any message for anyone, print it to stdout, relay and keep nothing"),
+    Option("sink_dir", None, parse_str,
+           "with --sink: write each message to DIR/ID.eml instead (implies --sink)"),
     Option("log_level", "info", parse_log_level, "debug, info, warning or error"),
     Option("syslog", False, parse_bool, "log to syslog instead of stderr"),
 )}
@@ -252,6 +257,8 @@ class Options:
             self.hostname = socket.getfqdn()
         if self.local_domains is None:
             self.local_domains = (self.hostname.lower(),)
+        if self.sink_dir:
+            self.sink = True
 
     def replace(self, **changes):
         """A copy with some values changed."""
