@@ -9,7 +9,7 @@ from .options import Options
 from .policy import Policy
 from .replies import REPLIES, SMTPError, format_reply, printable
 from .spool import Spool, new_queue_id
-from .states import IDLE, PREDECESSORS, UNIMPLEMENTED, State, is_allowed
+from .states import IDLE, PREDECESSORS, UNIMPLEMENTED, State
 from .wire import DataProblem, HeaderSection, LineReader, LineTooLong
 
 log = logging.getLogger("netsmtp")
@@ -26,10 +26,7 @@ FREE_ERRORS = 3  # refusals before the tarpit's delay starts
 MAX_ERROR_DELAY = 10.0  # seconds; the tarpit's delay stops growing here
 MAX_AUTH_DELAY = 30.0  # seconds; the delay of a failed AUTH stops growing here
 
-HELP_LINES = (
-    "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY EXPN",
-    "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc5321",
-)
+HELP_REFERENCE = "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc5321"
 
 
 class ShuttingDown(Exception):
@@ -59,13 +56,26 @@ class Session(Policy):
 
     Class variables that may be overridden:
         replies         the reply table (a mapping like netsmtp.REPLIES)
+        predecessors    verb -> the states it may follow (read-only mapping,
+                        default netsmtp.states.PREDECESSORS)
 
-    smtp_VERB(arg) is called for each command VERB whose predecessor state
-    allows it (netsmtp.states.PREDECESSORS); arg is the text after the verb
-    or None.  Add a verb by adding a method and a PREDECESSORS entry.
+    Verbs: smtp_VERB(arg) is called for each command VERB that has a row in
+    predecessors holding the current state; arg is the text after the verb
+    or None.  Add a verb with a method and a row in the subclass's own table,
+    leaving Session's alone:
+        predecessors = {**Session.predecessors, "XFOO": frozenset({State.READY})}
+    Known verbs without a method (EXPN, TURN, ETRN, ...: states.UNIMPLEMENTED)
+    get 502 5.5.1; after a 554 greeting every verb but QUIT gets 503 5.5.1.
+
+    AUTH mechanisms: auth_NAME(initial) is the SASL mechanism NAME ("-" is
+    spelt "_"); EHLO offers every one a subclass defines, in definition order.
+    initial is the client's initial response or None; the method gets further
+    responses from sasl_response(), and returns (user, password) or raises
+    SMTPError.  Add a mechanism by adding one method.
     """
 
     replies = REPLIES
+    predecessors = PREDECESSORS
 
     def __init__(self, rfile, wfile, peer=None, options=None, spool=None,
                  transport=None, **settings):
@@ -164,14 +174,10 @@ class Session(Policy):
         self.idle = self.state in IDLE
         if self.idle and self.stopping:
             raise ShuttingDown
-        self.command_deadline = time.monotonic() + self.options.timeout
         try:
-            line = self.reader.readline(LONGEST_LINE)
-        except LineTooLong:
-            line = None
+            line = self.read_line(LONGEST_LINE)
         finally:
             self.idle = False
-            self.command_deadline = None
         verb = self.dispatch(line)
         if verb:
             log.debug("%s: %s", self.tag, verb)
@@ -189,11 +195,14 @@ class Session(Policy):
             method = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
             if len(line) > LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT):
                 raise SMTPError("500 5.5.0", LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT))
-            if method is None or verb not in PREDECESSORS:
+            allowed = self.predecessors.get(verb) if method is not None else None
+            if allowed is None:
+                if self.state is State.REFUSED:
+                    raise SMTPError("503 5.5.1")  # RFC 5321 section 3.1: QUIT only
                 if verb in UNIMPLEMENTED:
                     raise SMTPError("502 5.5.1", verb)
                 raise SMTPError("500 5.5.2")
-            if not is_allowed(verb, self.state):
+            if self.state not in allowed:
                 raise SMTPError("503 5.5.1")
             try:
                 arg = arg.decode("utf-8").strip(" ") or None
@@ -210,6 +219,16 @@ class Session(Policy):
             self.reset_transaction()
             self.reply("451 4.3.0")
         return None
+
+    def read_line(self, limit):
+        """One line read within options.timeout, or None when it is over limit octets."""
+        self.command_deadline = time.monotonic() + self.options.timeout
+        try:
+            return self.reader.readline(limit)
+        except LineTooLong:
+            return None
+        finally:
+            self.command_deadline = None
 
     def refuse(self, refusal):
         """Send a refusal's reply; each costs a growing delay, too many close the session."""
@@ -295,8 +314,8 @@ class Session(Policy):
                     "SMTPUTF8", "ENHANCEDSTATUSCODES", "HELP"]
         if self.tls_available():
             keywords.append("STARTTLS")
-        if self.auth_available():
-            keywords.append("AUTH PLAIN LOGIN")
+        if self.may_offer_auth():
+            keywords.append("AUTH " + " ".join(self.auth_mechanisms()))
         return keywords
 
     def received_header(self, envelope):
@@ -371,7 +390,7 @@ class Session(Policy):
             self.transport.drain()
             raise SMTPError("554 5.7.1", "talking before the greeting")
 
-    def auth_available(self):
+    def may_offer_auth(self):
         """True when AUTH may be offered now: configured, over TLS or allowed without."""
         return bool(self.options.auth_file and self.auth_user is None
                     and (self.tls or self.options.auth_plaintext))
@@ -383,22 +402,31 @@ class Session(Policy):
             self.passwords = PasswordFile(self.options.auth_file)
         return self.passwords.check(user, password)
 
-    def sasl_response(self, initial, challenge):
-        """The client's decoded answer: initial, or a reply to a 334 challenge.
+    def auth_mechanisms(self):
+        """The SASL mechanism names of the auth_NAME methods, base classes' first."""
+        names = {}
+        for cls in reversed(type(self).__mro__):
+            for attribute in vars(cls):
+                name = attribute[5:]
+                # SASL names are upper case (RFC 4422 section 3.1): auth_mechanisms is not one.
+                if attribute.startswith("auth_") and name.isupper() and callable(
+                        getattr(self, attribute)):
+                    names[name.replace("_", "-")] = None
+        return list(names)
 
-        "*" cancels the exchange with 501 (RFC 4954 section 4).
+    def sasl_response(self, initial, challenge):
+        """The client's decoded answer: initial, or its reply to a 334 challenge.
+
+        The reply is read within options.timeout, like a command line; "*"
+        cancels the exchange with 501 (RFC 4954 section 4).
         """
         import base64
         from .auth import decode_base64
         if initial is None:
             self.reply("334", base64.b64encode(challenge.encode()).decode())
-            self.command_deadline = time.monotonic() + self.options.timeout
-            try:
-                line = self.reader.readline(LINE_LIMITS["AUTH"])
-            except LineTooLong:
-                raise SMTPError("500 5.5.0", LINE_LIMITS["AUTH"]) from None
-            finally:
-                self.command_deadline = None
+            line = self.read_line(LINE_LIMITS["AUTH"])
+            if line is None:
+                raise SMTPError("500 5.5.0", LINE_LIMITS["AUTH"])
             initial = line.decode("ascii", "replace").strip()
         if initial == "*":
             raise SMTPError("501 5.7.0")
@@ -407,7 +435,7 @@ class Session(Policy):
         except ValueError:
             raise SMTPError("501 5.5.2", "invalid base64") from None
 
-    def auth_failed(self, mechanism, user):
+    def fail_auth(self, mechanism, user):
         """Count a failure of this client and slow it down, then refuse."""
         from .limits import FailureLog
         failures = FailureLog(self.options.spool).record(self.peer)
@@ -600,21 +628,14 @@ class Session(Policy):
         self.closing = True
 
     def smtp_HELP(self, arg):
-        self.reply("214 2.0.0", "netsmtp", lines=HELP_LINES)
+        verbs = [verb for verb in self.predecessors if hasattr(self, "smtp_" + verb)]
+        self.reply("214 2.0.0", "netsmtp", lines=("Commands: " + " ".join(verbs), HELP_REFERENCE))
 
     def smtp_VRFY(self, arg):
         # RFC 5321 section 3.5.3: 252 when the address is not verified.
         if not arg:
             raise SMTPError("501 5.5.2", "VRFY address")
         self.reply("252 2.1.5", arg.strip("<>"))
-
-    def smtp_EXPN(self, arg):
-        # RFC 5321 section 7.3: list expansion may be disabled.
-        raise SMTPError("502 5.5.1", "EXPN")
-
-    def smtp_TURN(self, arg):
-        # RFC 5321 section 4.1.1: TURN is obsolete and unsafe.
-        raise SMTPError("502 5.5.1", "TURN")
 
     def smtp_STARTTLS(self, arg):
         if arg:
@@ -641,30 +662,37 @@ class Session(Policy):
             raise SMTPError("503 5.5.1")  # RFC 4954 section 4: once, after EHLO
         if not (self.tls or self.options.auth_plaintext):
             raise SMTPError("538 5.7.11")
-        mechanism, _, initial = (arg or "").partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip() or None
-        if not mechanism:
+        name, _, initial = (arg or "").partition(" ")
+        name = name.upper()
+        if not name:
             raise SMTPError("501 5.5.2", "AUTH mechanism")
-        if mechanism == "PLAIN":
-            # RFC 4616 section 2: authzid NUL authcid NUL passwd.
-            from .auth import decode_plain
-            try:
-                authzid, user, password = decode_plain(self.sasl_response(initial, ""))
-            except ValueError:
-                raise SMTPError("501 5.5.2", "malformed PLAIN response") from None
-            if authzid and authzid != user:
-                self.auth_failed(mechanism, user)
-        elif mechanism == "LOGIN":
-            # draft-murchison-sasl-login: Username: then Password:.
-            try:
-                user = self.sasl_response(initial, "Username:").decode("utf-8")
-                password = self.sasl_response(None, "Password:").decode("utf-8")
-            except UnicodeDecodeError:
-                raise SMTPError("501 5.5.2", "invalid UTF-8") from None
-        else:
-            raise SMTPError("504 5.5.4", mechanism)
+        # Only the offered names reach getattr: the client cannot name any other method.
+        if name not in self.auth_mechanisms():
+            raise SMTPError("504 5.5.4", name)
+        mechanism = getattr(self, "auth_" + name.replace("-", "_"))
+        user, password = mechanism(initial.strip() or None)
         if not self.authenticate(user, password):
-            self.auth_failed(mechanism, user)
+            self.fail_auth(name, user)
         self.auth_user = user
-        log.info("%s: AUTH %s as %s", self.tag, mechanism, printable(user))
+        log.info("%s: AUTH %s as %s", self.tag, name, printable(user))
         self.reply("235 2.7.0")
+
+    def auth_PLAIN(self, initial):
+        """RFC 4616 section 2: authzid NUL authcid NUL passwd."""
+        from .auth import decode_plain
+        try:
+            authzid, user, password = decode_plain(self.sasl_response(initial, ""))
+        except ValueError:
+            raise SMTPError("501 5.5.2", "malformed PLAIN response") from None
+        if authzid and authzid != user:
+            self.fail_auth("PLAIN", user)
+        return user, password
+
+    def auth_LOGIN(self, initial):
+        """draft-murchison-sasl-login: Username:, then Password:."""
+        try:
+            user = self.sasl_response(initial, "Username:").decode("utf-8")
+            password = self.sasl_response(None, "Password:").decode("utf-8")
+        except UnicodeDecodeError:
+            raise SMTPError("501 5.5.2", "invalid UTF-8") from None
+        return user, password

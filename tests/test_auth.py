@@ -171,6 +171,14 @@ def test_auth_syntax_errors(auth):
     assert auth.codes([*HELLO, b"AUTH LOGIN", b"A" * 13000, b"NOOP"])[2:] == [334, 500, 250]
 
 
+def test_only_mechanism_methods_are_reachable(auth):
+    """AUTH names reach only auth_NAME mechanisms: not helpers such as auth_mechanisms."""
+    assert "AUTH PLAIN LOGIN" in keywords(auth(HELLO))
+    assert auth.session.auth_mechanisms() == ["PLAIN", "LOGIN"]
+    for name in (b"MECHANISMS", b"mechanisms", b"PLAIN_", b"_PLAIN"):
+        assert auth.codes([*HELLO, b"AUTH " + name, b"NOOP"])[2:] == [504, 250], name
+
+
 def test_failures_are_counted_per_client_and_slowed(auth):
     """Each failure of a client waits auth_fail_delay times its recent failures,
     across sessions; another client is not slowed by them."""

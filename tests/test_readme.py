@@ -1,5 +1,6 @@
 """The README's examples run, and its reference names every option."""
 
+import base64
 import os
 import re
 import tomllib
@@ -29,6 +30,28 @@ def test_policy_example_works(options, spool):
         assert b'"recipients":["ann@example.com","bob@example.com"]' in f.readline()
     assert converse.codes(hello + [b"MAIL FROM:<a@c.test>", b"RCPT TO:<u@example.com>",
                                    b"DATA", b"x\r\n."])[-1] == 554
+
+
+def test_verb_and_mechanism_example_works(options, spool, tmp_path):
+    """The example adds a verb and an AUTH mechanism as the README says; Session is unchanged."""
+    from netsmtp.auth import hash_password
+    from netsmtp.session import Session
+    namespace = {"__name__": "readme_example"}
+    exec(compile(blocks("python")[1], "README.md", "exec"), namespace)
+    users = tmp_path / "users"
+    users.write_text("alice:%s\n" % hash_password("pw"))
+    options = options.replace(auth_file=str(users), auth_plaintext=True, auth_fail_delay=0)
+    office = Conversation(options, spool, session_class=namespace["Office"])
+    pair = base64.b64encode(b"alice:pw")
+    replies = office([b"XSTAT", b"EHLO c.test", b"XSTAT", b"AUTH X-PAIR " + pair])
+    assert [code for code, _ in replies] == [220, 503, 250, 250, 235]
+    assert "AUTH PLAIN LOGIN X-PAIR" in [line[4:] for line in replies[2][1]]
+    assert office.session.auth_user == "alice"
+    assert office.codes([b"EHLO c.test", b"AUTH X-PAIR", base64.b64encode(b"alice:no")]) == [
+        220, 250, 334, 535]
+    plain = Conversation(options, spool)
+    assert plain.codes([b"EHLO c.test", b"XSTAT", b"AUTH X-PAIR " + pair]) == [220, 250, 500, 504]
+    assert "XSTAT" not in Session.predecessors
 
 
 def test_toml_example_is_valid():

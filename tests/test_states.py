@@ -5,7 +5,7 @@ import pytest
 from conftest import Conversation
 from netsmtp.replies import SMTPError
 from netsmtp.session import Session
-from netsmtp.states import PREDECESSORS, State, is_allowed
+from netsmtp.states import PREDECESSORS, UNIMPLEMENTED, State, is_allowed
 
 # A command sequence that leaves a fresh session in each state.
 REACH = {
@@ -35,8 +35,6 @@ COMMAND = {
     "QUIT": b"QUIT",
     "HELP": b"HELP",
     "VRFY": b"VRFY u@mx.test",
-    "EXPN": b"EXPN list@mx.test",
-    "TURN": b"TURN",
     "STARTTLS": b"STARTTLS",
     "AUTH": b"AUTH PLAIN",
 }
@@ -89,3 +87,49 @@ def test_verb_in_state(converse, verb, state):
         assert converse.session.state is state
     if is_allowed(verb, state) and verb in AFTER:
         assert converse.session.state is AFTER[verb](state)
+
+
+def test_table_is_read_only():
+    """Session's table cannot be changed in place: a subclass brings its own (STYLE rule 5)."""
+    assert Session.predecessors is PREDECESSORS
+    with pytest.raises(TypeError):
+        Session.predecessors["XFOO"] = frozenset({State.READY})
+
+
+class Extended(Session):
+    """Adds XFOO, allowed once a client has greeted, without touching Session."""
+
+    predecessors = {**Session.predecessors, "XFOO": frozenset({State.READY})}
+
+    def smtp_XFOO(self, arg):
+        self.reply("250 2.0.0")
+
+
+def test_subclass_adds_a_verb(converse):
+    """A subclass's own table row and method make a verb; Session still refuses it."""
+    extended = Conversation(converse.options, converse.spool, session_class=Extended)
+    assert extended.codes([b"XFOO", b"EHLO client.test", b"XFOO", b"HELP"]) == [
+        220, 503, 250, 250, 214]
+    assert "XFOO" in extended([b"HELP"])[1][1][1].split()
+    assert converse.codes([b"EHLO client.test", b"XFOO"]) == [220, 250, 500]
+    assert "XFOO" not in PREDECESSORS and "XFOO" not in converse([b"HELP"])[1][1][1].split()
+
+
+UNOFFERED = sorted(UNIMPLEMENTED)
+
+
+@pytest.mark.parametrize("verb", UNOFFERED)
+def test_unoffered_verb_is_502(converse, verb):
+    """Each known but unoffered verb gets 502 5.5.1 in every open state."""
+    for state in set(State) - {State.REFUSED}:
+        replies = converse([*REACH[state], verb.encode()])
+        assert replies[-1] == (502, ["502 5.5.1 %s not implemented" % verb]), state
+
+
+@pytest.mark.parametrize("line", [b"EXPN staff", b"ETRN mx.test", b"TURN", b"FROB", b"NOOP"])
+def test_refused_session_answers_503_to_all_but_quit(converse, line):
+    """After a 554 greeting every command but QUIT gets 503 5.5.1, unoffered ones too."""
+    refused = Conversation(converse.options, converse.spool, session_class=Refusing)
+    assert refused([line, b"QUIT"]) == [
+        (554, ["554 5.7.1 Access denied: refused"]), (503, ["503 5.5.1 Bad sequence of commands"]),
+        (221, ["221 2.0.0 mx.test closing connection"])]
