@@ -13,10 +13,14 @@ setup(
     # 3.20.3 fixes the lock-file symlink races CVE-2025-68146 and CVE-2026-22701.
     install_requires=["filelock>=3.20.3"],
     extras_require={"test": ["pytest", "hypothesis", "trustme"]},
-    entry_points={"console_scripts": [
-        "netsmtp = netsmtp.cli:main",
-        "netsmtp-passwd = netsmtp.cli:passwd",
-        "netsmtp-send = netsmtp.queue_cli:send_main",
-        "netsmtp-queue = netsmtp.queue_cli:queue_main",
-    ]},
+    entry_points={
+        "console_scripts": [
+            "netsmtp = netsmtp.cli:main",
+            "netsmtp-passwd = netsmtp.cli:passwd",
+            "netsmtp-send = netsmtp.queue_cli:send_main",
+            "netsmtp-queue = netsmtp.queue_cli:queue_main",
+        ],
+        # The fixtures smtp_server and make_smtp_server (netsmtp/pytest_plugin.py).
+        "pytest11": ["netsmtp = netsmtp.pytest_plugin"],
+    },
 )
