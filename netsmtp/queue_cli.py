@@ -95,7 +95,10 @@ def queue_main(argv=None):
     from .spool import Spool
     parser = Parser(prog="netsmtp-queue", description="List the messages in the spool.")
     add_options(parser, ("spool",))
-    parser.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    output.add_argument("--prometheus", action="store_true",
+                        help="print Prometheus metrics for node_exporter's textfile collector")
     args = parser.parse_args(argv)
     options = options_from(parser, args)
     spool = Spool(options.spool)
@@ -112,7 +115,10 @@ def queue_main(argv=None):
         print("netsmtp-queue: error: %s: %s" % (options.spool, exc.strerror or exc),
               file=sys.stderr)
         return 1
-    if args.json:
+    if args.prometheus:
+        from .metrics import collect, format_metrics
+        sys.stdout.write(format_metrics(collect(spool, entries)))
+    elif args.json:
         json.dump([e.describe() for e in entries], sys.stdout, indent=1, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
