@@ -2,7 +2,8 @@
 
 Keys are the reply code and its RFC 3463 enhanced status code ("250 2.1.0");
 the 220 greeting and the HELO/EHLO reply carry no enhanced code (RFC 2034
-section 3).  Values are printf-style formats.  Arguments are made printable
+section 3).  Where one code pair has two texts, a word after the codes
+tells them apart ("250 2.0.0 chunk"); it never reaches the wire.  Values are printf-style formats.  Arguments are made printable
 before formatting, so nothing a client sends can put CR, LF or other control
 characters on the wire.
 """
@@ -16,6 +17,7 @@ REPLIES = MappingProxyType({
     "235 2.7.0": "Authentication successful",
     "250": "%s greets %s",
     "250 2.0.0": "OK",
+    "250 2.0.0 chunk": "%d octets received",  # RFC 3030 section 2
     "250 2.1.0": "Sender <%s> OK",
     "250 2.1.5": "Recipient <%s> OK",
     "250 2.6.0": "Message accepted, queued as %s",
@@ -42,6 +44,7 @@ REPLIES = MappingProxyType({
     "502 5.5.1": "%s not implemented",
     "503 5.5.1": "Bad sequence of commands",
     "504 5.5.4": "Unrecognized authentication mechanism %s",
+    "504 5.5.4 bdat": "BDAT 0 needs LAST",
     "530 5.7.0": "Must issue %s first",  # RFC 3207 section 4, RFC 4954 section 6
     "535 5.7.8": "Authentication credentials invalid",
     "538 5.7.11": "Encryption required for requested authentication mechanism",
@@ -107,6 +110,7 @@ def format_reply(key, *args, lines=(), replies=REPLIES):
     section 4.2.1).
     """
     code, _, enhanced = key.partition(" ")
+    enhanced = enhanced.partition(" ")[0]
     first = replies[key] % tuple(a if isinstance(a, int) else _argument(a) for a in args)
     texts = [first, *(printable(line) for line in lines)]
     prefix = code + " " + enhanced + " " if enhanced else code + " "

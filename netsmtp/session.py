@@ -10,7 +10,7 @@ from .policy import Policy
 from .replies import REPLIES, SMTPError, format_reply, printable
 from .spool import Spool, new_queue_id
 from .states import IDLE, PREDECESSORS, UNIMPLEMENTED, State
-from .wire import DataProblem, HeaderSection, LineReader, LineTooLong
+from .wire import ChunkedText, DataProblem, LineReader, LineTooLong, MessageSink
 
 log = logging.getLogger("netsmtp")
 
@@ -25,6 +25,8 @@ OUTPUT_LIMIT = 64 * 1024  # queued reply octets before they are written anyway
 FREE_ERRORS = 3  # refusals before the tarpit's delay starts
 MAX_ERROR_DELAY = 10.0  # seconds; the tarpit's delay stops growing here
 MAX_AUTH_DELAY = 30.0  # seconds; the delay of a failed AUTH stops growing here
+# RFC 3030 section 2: "BDAT" SP chunk-size [SP "LAST"]; sizes as SIZE's 1*20DIGIT.
+MAX_CHUNK_DIGITS = 20
 
 HELP_REFERENCE = "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc5321"
 
@@ -95,6 +97,7 @@ class Session(Policy):
         self.tls = None
         self.auth_user = None
         self.envelope = None
+        self.chunks = None  # the message of a BDAT transaction: (MessageSink, ChunkedText)
         self.closing = False
         self.stopping = False
         self.idle = False
@@ -137,6 +140,7 @@ class Session(Policy):
             self.reply("421 4.3.0", self.options.hostname)
         finally:
             self.idle = False
+            self.drop_chunks()
             try:
                 self.flush()
             except OSError:
@@ -203,6 +207,11 @@ class Session(Policy):
                     raise SMTPError("502 5.5.1", verb)
                 raise SMTPError("500 5.5.2")
             if self.state not in allowed:
+                if verb == "BDAT":
+                    # RFC 3030 section 2: read and drop its octets, so the
+                    # next command is read as a command.
+                    size, _ = self.chunk_size(arg.decode("ascii", "replace").strip(" "))
+                    self.reader.read_exact(size, lambda piece: None)
                 raise SMTPError("503 5.5.1")
             try:
                 arg = arg.decode("utf-8").strip(" ") or None
@@ -298,8 +307,15 @@ class Session(Policy):
     def reset_transaction(self):
         """Forget the mail transaction; the one place a transaction ends."""
         self.envelope = None
-        if self.state in (State.MAIL, State.RCPT):
+        self.drop_chunks()
+        if self.state in (State.MAIL, State.RCPT, State.CHUNKING):
             self.state = State.READY
+
+    def drop_chunks(self):
+        """Throw away the chunks of an unfinished BDAT message, spool file and all."""
+        chunks, self.chunks = self.chunks, None
+        if chunks is not None:
+            chunks[0].writer.close()
 
     @property
     def protocol(self):
@@ -311,7 +327,7 @@ class Session(Policy):
     def extensions(self):
         """The EHLO keywords, in order (RFC 5321 section 4.1.1.1)."""
         keywords = ["PIPELINING", "SIZE %d" % self.options.max_size, "8BITMIME",
-                    "SMTPUTF8", "ENHANCEDSTATUSCODES", "HELP"]
+                    "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "HELP"]
         if self.tls_available():
             keywords.append("STARTTLS")
         if self.may_offer_auth():
@@ -552,6 +568,64 @@ class Session(Policy):
     def smtp_DATA(self, arg):
         if arg:
             raise SMTPError("501 5.5.2", "DATA takes no arguments")
+        sink = self.start_message()
+        try:  # from here on, whatever happens, close() drops an unfinished entry
+            self.reply("354")
+            size, problem = self.reader.read_data(sink.write, self.options.max_size)
+            self.end_message(sink, size, problem)
+        finally:
+            sink.writer.close()
+            self.reset_transaction()
+
+    def smtp_BDAT(self, arg):
+        """A chunk of the message (RFC 3030); the LAST one ends it as DATA's dot does."""
+        size, last = self.chunk_size(arg)
+        if size == 0 and not last:
+            raise SMTPError("504 5.5.4 bdat")
+        framed = False
+        try:
+            if self.chunks is None:
+                try:
+                    sink = self.start_message()
+                except SMTPError:
+                    self.reader.read_exact(size, lambda piece: None)
+                    framed = True
+                    raise
+                self.chunks = sink, ChunkedText(sink.write, self.options.max_size)
+                self.state = State.CHUNKING
+            sink, text = self.chunks
+            self.reader.read_exact(size, text.feed)
+            framed = True
+        finally:
+            if not framed:  # lost in mid-chunk: the next octets cannot be told apart
+                self.closing = True
+                self.reset_transaction()
+        if not last:
+            self.reply("250 2.0.0 chunk", size)
+            return
+        self.chunks = None
+        try:
+            self.end_message(sink, text.size, text.end())
+        finally:
+            sink.writer.close()
+            self.reset_transaction()
+
+    def chunk_size(self, arg):
+        """BDAT's (size, last); a line that cannot be framed is refused and closes.
+
+        Without a size the octets that follow cannot be told from commands,
+        so the session ends (as Postfix does) rather than guess.
+        """
+        words = (arg or "").split(" ")
+        size = words[0]
+        if not (size.isascii() and size.isdigit()) or len(size) > MAX_CHUNK_DIGITS or \
+                len(words) > 2 or (len(words) == 2 and words[1].upper() != "LAST"):
+            self.closing = True
+            raise SMTPError("501 5.5.4", "BDAT chunk size")
+        return int(size), len(words) == 2
+
+    def start_message(self):
+        """Give the envelope its id and open its spool entry; returns a MessageSink."""
         envelope = self.envelope
         envelope.id = new_queue_id()
         envelope.arrival = time.time()
@@ -562,32 +636,21 @@ class Session(Policy):
             log.error("%s: spool: %s", self.tag, exc)
             self.reset_transaction()
             raise SMTPError("452 4.3.1") from None
-        try:  # from here on, whatever happens, close() drops an unfinished entry
-            try:
-                writer.write(self.received_header(envelope))
-            except OSError as exc:
-                log.error("%s: spool: %s", self.tag, exc)
-                raise SMTPError("452 4.3.1") from None
-            self.reply("354")
-            self.receive(envelope, writer)
-        finally:
+        try:
+            writer.write(self.received_header(envelope))
+        except OSError as exc:
             writer.close()
+            log.error("%s: spool: %s", self.tag, exc)
             self.reset_transaction()
+            raise SMTPError("452 4.3.1") from None
+        except BaseException:
+            writer.close()
+            raise
+        return MessageSink(writer)
 
-    def receive(self, envelope, writer):
-        """Stream the message into writer and reply; the spool write's caller."""
-        header = HeaderSection()
-        failed = []
-
-        def write(chunk):
-            if not failed:
-                header.feed(chunk)
-                try:
-                    writer.write(chunk)
-                except OSError as exc:
-                    failed.append(exc)
-
-        size, problem = self.reader.read_data(write, self.options.max_size)
+    def end_message(self, sink, size, problem):
+        """Check a message read to its end, commit it and reply; the spool write's caller."""
+        envelope = self.envelope
         summary = "id=%s from=<%s> to=%s size=%d" % (
             envelope.id, printable(envelope.sender),
             ",".join("<%s>" % printable(r) for r in envelope.recipients), size)
@@ -596,19 +659,19 @@ class Session(Policy):
             if problem is DataProblem.TOO_BIG:
                 raise SMTPError("552 5.3.4", self.options.max_size)
             raise SMTPError("554 5.6.0", problem)
-        if failed:
-            log.error("%s: spool write failed %s: %s", self.tag, summary, failed[0])
+        if sink.error is not None:
+            log.error("%s: spool write failed %s: %s", self.tag, summary, sink.error)
             raise SMTPError("452 4.3.1")
-        if header.overflow:
+        if sink.header.overflow:
             log.info("%s: refused %s: header section too large", self.tag, summary)
             raise SMTPError("554 5.6.0", "header section too large")
         try:
-            self.check_message(envelope, header.headers())
+            self.check_message(envelope, sink.header.headers())
         except SMTPError as refusal:
             log.info("%s: refused %s: %s", self.tag, summary, refusal)
             raise
         try:
-            writer.commit()
+            sink.writer.commit()
         except OSError as exc:
             log.error("%s: spool commit failed %s: %s", self.tag, summary, exc)
             raise SMTPError("452 4.3.1") from None

@@ -18,6 +18,7 @@ class State(enum.Enum):
     READY = "ready"          # HELO/EHLO done, no transaction
     MAIL = "mail"            # MAIL FROM accepted, no recipient yet
     RCPT = "rcpt"            # at least one RCPT TO accepted
+    CHUNKING = "chunking"    # BDAT chunks received, LAST not yet (RFC 3030)
     REFUSED = "refused"      # greeted with 554: only QUIT (RFC 5321 section 3.1)
 
 
@@ -28,13 +29,15 @@ IDLE = frozenset({State.CONNECTED, State.READY, State.REFUSED})
 # RFC 5321 section 4.1.4: HELO/EHLO may come at any time and reset the
 # transaction; MAIL needs a greeting and no open transaction; DATA needs a
 # recipient.  STARTTLS and AUTH are only allowed outside a transaction
-# (RFC 3207 section 4, RFC 4954 section 4).
+# (RFC 3207 section 4, RFC 4954 section 4).  BDAT needs a recipient or an
+# earlier chunk; DATA, MAIL and RCPT after a chunk are 503 (RFC 3030 section 2).
 PREDECESSORS = MappingProxyType({
     "HELO": ANY,
     "EHLO": ANY,
     "MAIL": frozenset({State.READY}),
     "RCPT": frozenset({State.MAIL, State.RCPT}),
     "DATA": frozenset({State.RCPT}),
+    "BDAT": frozenset({State.RCPT, State.CHUNKING}),
     "RSET": ANY,
     "NOOP": ANY,
     "QUIT": ANY | {State.REFUSED},
@@ -49,7 +52,7 @@ PREDECESSORS = MappingProxyType({
 # section 7.3) and TURN is obsolete and unsafe (section 4.1.1).  A verb a
 # session implements (a method and a predecessor row) is served even if
 # it is listed here.
-UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML"})
+UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
 
 
 def is_allowed(verb, state, predecessors=PREDECESSORS):

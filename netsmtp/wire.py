@@ -1,10 +1,14 @@
-"""Bytes on the wire: command lines and the DATA stream, both bounded.
+"""Bytes on the wire: command lines, the DATA stream and BDAT chunks, all bounded.
 
 Only CRLF ends a line of message text and only CRLF.CRLF ends a message
 (RFC 5321 sections 2.3.8 and 4.1.1.4).  A message that holds a bare CR or a
 bare LF is read to its real end and then refused: a bare LF never ends a line
 or the message, which closes the SMTP smuggling attack (CVE-2023-51766 and
 kin) without guessing what the client meant.  Commands may end in CRLF or LF.
+
+BDAT chunks (RFC 3030) are counted octets with no end marker, so nothing in
+them can end a message early; there a bare LF is stored as CRLF (see
+ChunkedText).
 """
 
 READ_SIZE = 65536
@@ -21,6 +25,7 @@ class DataProblem:
 
     TOO_BIG = "too big"
     BARE_NEWLINE = "bare CR or LF in message (RFC 5321 section 2.3.8)"
+    BARE_CR = "bare CR in message (RFC 5321 section 2.3.8)"
     NUL = "NUL byte in message (RFC 5322 section 2.3)"
     LINE_TOO_LONG = "line over %d octets (RFC 5321 section 4.5.3.1.6)" % TEXT_LINE_LIMIT
 
@@ -72,6 +77,20 @@ class LineReader:
                 del buf[:]
             start = len(buf)
             self.fill()
+
+    def read_exact(self, size, write):
+        """Read exactly size octets (a BDAT chunk), handing them to write in pieces.
+
+        At most one read's worth is buffered at a time, whatever size says.
+        """
+        buf = self.buf
+        while size > 0:
+            if not buf:
+                self.fill()
+            piece = bytes(buf[:size])
+            del buf[:len(piece)]
+            size -= len(piece)
+            write(piece)
 
     def read_data(self, write, max_size):
         """Read message text up to CRLF.CRLF, unstuffing dots (section 4.5.2).
@@ -130,6 +149,86 @@ def _check(chunk):
     if len(chunk) > TEXT_LINE_LIMIT and max(map(len, chunk.split(b"\r\n"))) > TEXT_LINE_LIMIT - 2:
         return DataProblem.LINE_TOO_LONG
     return None
+
+
+class ChunkedText:
+    """The text of BDAT chunks on its way to write(), checked as DATA text is.
+
+    Exchange Online sends messages with bare LFs only over BDAT, so a bare LF
+    is stored as CRLF: the spool keeps CRLF lines only, and relaying with DATA
+    stays safe.  A bare CR or a NUL, and a line over TEXT_LINE_LIMIT, make
+    the message refused when it ends; from the first problem on, the rest is
+    read and dropped.  A CR that ends one chunk is held back: an LF starting
+    the next makes it a CRLF.  size counts every octet received, for the
+    --max-size check over all chunks.
+    """
+
+    def __init__(self, write, max_size):
+        self.write = write
+        self.max_size = max_size
+        self.size = 0
+        self.problem = None
+        self.held_cr = False
+        self.line = 0  # octets of the unfinished line written so far
+
+    def feed(self, data):
+        self.size += len(data)
+        if self.size > self.max_size:
+            self.problem = DataProblem.TOO_BIG
+        if self.problem is not None or not data:
+            return
+        if self.held_cr:
+            data = b"\r" + data
+        self.held_cr = data.endswith(b"\r")
+        if self.held_cr:
+            data = data[:-1]
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf:
+            self.problem = DataProblem.BARE_CR
+        elif b"\0" in data:
+            self.problem = DataProblem.NUL
+        else:
+            if data.count(b"\n") != crlf:
+                data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            lines = data.split(b"\r\n")
+            longest = max(self.line + len(lines[0]), *map(len, lines[1:])) \
+                if len(lines) > 1 else self.line + len(lines[0])
+            self.line = len(lines[-1]) if len(lines) > 1 else self.line + len(lines[0])
+            if longest > TEXT_LINE_LIMIT - 2:
+                self.problem = DataProblem.LINE_TOO_LONG
+            else:
+                self.write(data)
+
+    def end(self):
+        """After the LAST chunk: the problem, or None once the text ends in CRLF."""
+        if self.size > self.max_size:
+            return DataProblem.TOO_BIG
+        if self.problem is None and self.held_cr:
+            self.problem = DataProblem.BARE_CR
+        if self.problem is None and self.line:
+            self.write(b"\r\n")  # RFC 3030 section 2: a last chunk need not end in CRLF
+        return self.problem
+
+
+class MessageSink:
+    """Where a message's text goes as it arrives: the spool writer and the header section.
+
+    A write error stops the writing but not the reading, so the client is
+    still answered in step (452 at the end) and never mid-stream.
+    """
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.header = HeaderSection()
+        self.error = None
+
+    def write(self, chunk):
+        if self.error is None:
+            self.header.feed(chunk)
+            try:
+                self.writer.write(chunk)
+            except OSError as exc:
+                self.error = exc
 
 
 class HeaderSection:

@@ -6,7 +6,7 @@ import pytest
 
 from netsmtp.replies import REPLIES, SMTPError, format_reply, printable
 
-KEY = re.compile(r"[2-5][0-5][0-9]( [245]\.[0-9]{1,3}\.[0-9]{1,3})?")
+KEY = re.compile(r"[2-5][0-5][0-9]( [245]\.[0-9]{1,3}\.[0-9]{1,3}( [a-z]+)?)?")
 
 
 def test_every_key_is_a_code_and_enhanced_code():
@@ -15,6 +15,12 @@ def test_every_key_is_a_code_and_enhanced_code():
         assert KEY.fullmatch(key), key
         if " " in key:
             assert key[0] == key[4], key
+
+
+def test_a_word_after_the_codes_names_a_second_text_and_stays_off_the_wire():
+    """ "250 2.0.0 chunk" is a key of its own whose reply starts "250 2.0.0 "."""
+    assert format_reply("250 2.0.0 chunk", 12) == b"250 2.0.0 12 octets received\r\n"
+    assert format_reply("250 2.0.0") == b"250 2.0.0 OK\r\n"
 
 
 def test_single_line_reply():

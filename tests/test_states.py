@@ -13,6 +13,8 @@ REACH = {
     State.READY: [b"EHLO client.test"],
     State.MAIL: [b"EHLO client.test", b"MAIL FROM:<a@client.test>"],
     State.RCPT: [b"EHLO client.test", b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@mx.test>"],
+    State.CHUNKING: [b"EHLO client.test", b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@mx.test>",
+                     b"BDAT 4\r\nab\r\n"],
     State.REFUSED: [],  # reached by the refusing session below
 }
 
@@ -30,6 +32,7 @@ COMMAND = {
     "MAIL": b"MAIL FROM:<b@client.test>",
     "RCPT": b"RCPT TO:<v@mx.test>",
     "DATA": b"DATA\r\nSubject: t\r\n\r\nbody\r\n.\r\n",
+    "BDAT": b"BDAT 5 LAST\r\nbody\n",
     "RSET": b"RSET",
     "NOOP": b"NOOP",
     "QUIT": b"QUIT",
@@ -43,7 +46,7 @@ COMMAND = {
 AFTER = {
     "HELO": lambda s: State.READY, "EHLO": lambda s: State.READY,
     "MAIL": lambda s: State.MAIL, "RCPT": lambda s: State.RCPT,
-    "DATA": lambda s: State.READY, "RSET": lambda s: s if s is State.CONNECTED else State.READY,
+    "DATA": lambda s: State.READY, "BDAT": lambda s: State.READY, "RSET": lambda s: s if s is State.CONNECTED else State.READY,
 }
 
 CASES = [(verb, state) for verb in COMMAND for state in State]
@@ -63,6 +66,8 @@ def test_table_orders_the_transaction():
     assert not is_allowed("RCPT", State.READY)
     assert not is_allowed("DATA", State.MAIL)
     assert is_allowed("DATA", State.RCPT)
+    assert not is_allowed("BDAT", State.MAIL) and not is_allowed("DATA", State.CHUNKING)
+    assert not any(is_allowed(v, State.CHUNKING) for v in ("MAIL", "RCPT", "STARTTLS", "AUTH"))
     open_states = set(State) - {State.REFUSED}
     assert all(is_allowed(v, s) for v in ("RSET", "NOOP", "QUIT", "HELP", "EHLO") for s in open_states)
     assert [v for v in PREDECESSORS if is_allowed(v, State.REFUSED)] == ["QUIT"]
@@ -70,8 +75,12 @@ def test_table_orders_the_transaction():
 
 @pytest.mark.parametrize("verb,state", CASES, ids=["%s-in-%s" % (v, s.name) for v, s in CASES])
 def test_verb_in_state(converse, verb, state):
-    """A verb out of sequence gets 503 5.5.1 and changes nothing; in sequence it is not 503."""
-    command = COMMAND[verb] if is_allowed(verb, state) else COMMAND[verb].split(b"\r\n")[0]
+    """A verb out of sequence gets 503 5.5.1 and changes nothing; in sequence it is not 503.
+
+    BDAT's octets are sent either way: they are read and dropped before a 503.
+    """
+    command = COMMAND[verb] if is_allowed(verb, state) or verb == "BDAT" \
+        else COMMAND[verb].split(b"\r\n")[0]
     if state is State.REFUSED:
         converse = Conversation(converse.options, converse.spool, session_class=Refusing)
     replies = converse([*REACH[state], command])
