@@ -3,9 +3,10 @@
 Keys are the reply code and its RFC 3463 enhanced status code ("250 2.1.0");
 the 220 greeting and the HELO/EHLO reply carry no enhanced code (RFC 2034
 section 3).  Where one code pair has two texts, a word after the codes
-tells them apart ("250 2.0.0 chunk"); it never reaches the wire.  Values are printf-style formats.  Arguments are made printable
-before formatting, so nothing a client sends can put CR, LF or other control
-characters on the wire.
+tells them apart ("250 2.0.0 chunk"); it never reaches the wire.  Values
+are printf-style formats.  Arguments are made printable before formatting,
+so nothing a client sends can put CR, LF or other control characters on
+the wire.
 """
 
 from types import MappingProxyType

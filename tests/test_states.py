@@ -46,7 +46,8 @@ COMMAND = {
 AFTER = {
     "HELO": lambda s: State.READY, "EHLO": lambda s: State.READY,
     "MAIL": lambda s: State.MAIL, "RCPT": lambda s: State.RCPT,
-    "DATA": lambda s: State.READY, "BDAT": lambda s: State.READY, "RSET": lambda s: s if s is State.CONNECTED else State.READY,
+    "DATA": lambda s: State.READY, "BDAT": lambda s: State.READY,
+    "RSET": lambda s: s if s is State.CONNECTED else State.READY,
 }
 
 CASES = [(verb, state) for verb in COMMAND for state in State]
