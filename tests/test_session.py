@@ -97,7 +97,7 @@ def test_help_is_multiline_214(converse):
     """HELP answers a multi-line 214 that lists the verbs of the predecessor table."""
     code, lines = converse([b"HELP"])[1]
     assert code == 214 and len(lines) > 1 and lines[-1].startswith("214 2.0.0 ")
-    assert lines[1] == ("214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY"
+    assert lines[1] == ("214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY"
                         " STARTTLS AUTH")
 
 
