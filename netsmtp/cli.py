@@ -6,7 +6,7 @@ import os
 import sys
 
 from . import __version__
-from .options import SPEC, OptionError, Options, load_toml, parse_bool
+from .options import DAEMON, SPEC, OptionError, Options, load_toml, options_of, parse_bool
 
 EX_USAGE = 2
 EX_TEMPFAIL = 75
@@ -24,7 +24,8 @@ class Parser(argparse.ArgumentParser):
 def add_options(parser, names):
     """Add a flag for each named option of SPEC, and --config."""
     parser.add_argument("--config", metavar="FILE",
-                        help="TOML file whose keys are these options' names")
+                        help="TOML file whose keys are these options' names; keys of the "
+                        "other netsmtp programs are accepted too")
     for name in names:
         opt = SPEC[name]
         if opt.parse is parse_bool:
@@ -37,7 +38,10 @@ def add_options(parser, names):
 
 
 def options_from(parser, args):
-    """Options from the config file, overridden by the flags given."""
+    """Options from the config file, overridden by the flags given.
+
+    The file may hold any option of SPEC, so one file serves every program.
+    """
     try:
         values = load_toml(args.config) if args.config else {}
         values.update((name, getattr(args, name)) for name in SPEC
@@ -92,9 +96,9 @@ def setup_logging(options, protocol_on_stdio=False):
 
 
 def main(argv=None):
-    """netsmtp: the SMTP server (forking daemon, or one session on stdin)."""
-    parser = Parser(prog="netsmtp", description="A small, durable SMTP server.")
-    add_options(parser, SPEC)
+    """netsmtp: the SMTP daemon (the prefork or forking server, or one session on stdin)."""
+    parser = Parser(prog=DAEMON, description="A small, durable SMTP server.")
+    add_options(parser, options_of(DAEMON))
     parser.add_argument("--version", action="version", version="netsmtp " + __version__)
     args = parser.parse_args(argv)
     options = options_from(parser, args)

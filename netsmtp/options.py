@@ -1,9 +1,11 @@
 """Every setting in one table: a constructor keyword, a flag and a TOML key.
 
-SPEC lists each option once with its default, its parser and its help; the
-command line (--max-size), the config file (max_size = ...) and Python
-(Options(max_size=...)) are all built from it, so they cannot drift apart.
-Parsers take the text of a flag or the native value of a TOML key or keyword.
+SPEC lists each option once with its default, its parser, its help and the
+programs that read it; the command line (--max-size), the config file
+(max_size = ...) and Python (Options(max_size=...)) are all built from it, so
+they cannot drift apart.  Each program offers the flags of its own options
+only, but every program accepts every key of a shared TOML file.  Parsers take
+the text of a flag or the native value of a TOML key or keyword.
 """
 
 import socket
@@ -131,13 +133,18 @@ def parse_routes(value):
     return routes
 
 
+# The programs that read options: the daemon, the queue runner and the queue lister.
+DAEMON, SEND, QUEUE = "netsmtp", "netsmtp-send", "netsmtp-queue"
+
+
 class Option:
-    """One setting: its name, default, parser and one line of help."""
+    """One setting: its name, default, parser, one line of help and the programs reading it."""
 
-    __slots__ = ("name", "default", "parse", "help")
+    __slots__ = ("name", "default", "parse", "help", "programs")
 
-    def __init__(self, name, default, parse, help):
+    def __init__(self, name, default, parse, help, programs=(DAEMON,)):
         self.name, self.default, self.parse, self.help = name, default, parse, help
+        self.programs = frozenset(programs)
 
     @property
     def flag(self):
@@ -145,15 +152,15 @@ class Option:
 
 
 SPEC = {opt.name: opt for opt in (
-    Option("listen", "127.0.0.1:2525", parse_hostport,
-           "address of the forking server, HOST:PORT"),
+    Option("listen", "127.0.0.1:2525", parse_hostport, "address of the daemon, HOST:PORT"),
     Option("stdin", False, parse_bool,
            "serve one session on stdin/stdout (inetd, xinetd, systemd Accept=yes)"),
-    Option("spool", "spool", parse_str, "spool directory"),
+    Option("spool", "spool", parse_str, "spool directory", (DAEMON, QUEUE)),
     Option("hostname", None, parse_str,
-           "name in the greeting and Received headers (default: the FQDN)"),
+           "name in the greeting and Received headers (default: the FQDN)", (DAEMON, SEND)),
     Option("local_domains", None, parse_domains,
-           "comma-separated domains accepted from anyone (default: the hostname)"),
+           "comma-separated domains accepted from anyone (default: the hostname)",
+           (DAEMON, SEND)),
     Option("relay_networks", "127.0.0.0/8,::1", parse_networks,
            "comma-separated networks that may relay to any domain, or none"),
     Option("max_size", 20_000_000, parse_int, "largest message accepted, in octets"),
@@ -200,36 +207,45 @@ SPEC = {opt.name: opt for opt in (
            "HELO must be allowed, the client's address literal, or resolve to it"),
     Option("helo_allowed", None, parse_domains,
            "comma-separated HELO names always accepted by --helo-verify"),
-    # The queue runner, netsmtp-send (see netsmtp.runner).
-    Option("smarthost", None, parse_hostport, "where netsmtp-send relays mail, HOST:PORT"),
+    # The queue runner, netsmtp-send (see netsmtp.runner); the daemon does not read these.
+    Option("smarthost", None, parse_hostport, "where netsmtp-send relays mail, HOST:PORT",
+           (SEND,)),
     Option("smarthost_tls", "opportunistic", parse_tls_mode,
-           "STARTTLS to the smarthost: off, opportunistic or required"),
+           "STARTTLS to the smarthost: off, opportunistic or required", (SEND,)),
     Option("smarthost_ca", None, parse_str,
-           "CA file verifying the smarthost's certificate (default: the system's)"),
-    Option("smarthost_user", None, parse_str, "user name for AUTH at the smarthost"),
+           "CA file verifying the smarthost's certificate (default: the system's)", (SEND,)),
+    Option("smarthost_user", None, parse_str, "user name for AUTH at the smarthost", (SEND,)),
     Option("smarthost_password_file", None, parse_str,
-           "file whose first line is the smarthost AUTH password"),
+           "file whose first line is the smarthost AUTH password", (SEND,)),
     Option("smarthost_auth_plaintext", False, parse_bool,
-           "allow AUTH to the smarthost without TLS"),
-    Option("smarthost_timeout", 120.0, parse_seconds, "seconds to wait for the smarthost"),
+           "allow AUTH to the smarthost without TLS", (SEND,)),
+    Option("smarthost_timeout", 120.0, parse_seconds, "seconds to wait for the smarthost",
+           (SEND,)),
     Option("maildir_root", None, parse_str,
-           "deliver the local domains to MAILDIR_ROOT/<localpart>/"),
+           "deliver the local domains to MAILDIR_ROOT/<localpart>/", (SEND,)),
     Option("routes", None, parse_routes,
            "delivery per recipient domain, DOMAIN=ROUTE,... and *=ROUTE for the rest "
-           "(default: local domains to maildir when --maildir-root is set, * to smarthost)"),
+           "(default: local domains to maildir when --maildir-root is set, * to smarthost)",
+           (SEND,)),
     Option("retry_initial", "5m", parse_duration,
-           "first retry delay after a deferral, doubling each attempt (s, m, h, d)"),
-    Option("retry_max", "4h", parse_duration, "longest retry delay"),
+           "first retry delay after a deferral, doubling each attempt (s, m, h, d)", (SEND,)),
+    Option("retry_max", "4h", parse_duration, "longest retry delay", (SEND,)),
     Option("max_queue_lifetime", "5d", parse_duration,
-           "age after which recipients still deferred are bounced"),
+           "age after which recipients still deferred are bounced", (SEND,)),
     # Development and filters (netsmtp.sink, netsmtp.policy_service, netsmtp.milter).
     Option("sink", False, parse_bool,
            "accept any message for anyone, print it to stdout, relay and keep nothing"),
     Option("sink_dir", None, parse_str,
            "with --sink: write each message to DIR/ID.eml instead (implies --sink)"),
-    Option("log_level", "info", parse_log_level, "debug, info, warning or error"),
-    Option("syslog", False, parse_bool, "log to syslog instead of stderr"),
+    Option("log_level", "info", parse_log_level, "debug, info, warning or error",
+           (DAEMON, SEND)),
+    Option("syslog", False, parse_bool, "log to syslog instead of stderr", (DAEMON, SEND)),
 )}
+
+
+def options_of(program):
+    """The names of the options program reads, in table order."""
+    return [name for name, opt in SPEC.items() if program in opt.programs]
 
 
 class Options:

@@ -9,12 +9,8 @@ import sys
 import time
 
 from .cli import EX_TEMPFAIL, Parser, add_options, options_from, setup_logging
+from .options import QUEUE, SEND, options_of
 
-SEND_OPTIONS = (
-    "smarthost", "smarthost_tls", "smarthost_ca", "smarthost_user", "smarthost_password_file",
-    "smarthost_auth_plaintext", "smarthost_timeout", "maildir_root", "routes",
-    "retry_initial", "retry_max", "max_queue_lifetime", "hostname", "local_domains",
-    "log_level", "syslog")
 # Fewer messages than this finish before a progress bar would help.
 PROGRESS_MIN = 20
 
@@ -47,7 +43,7 @@ def send_main(argv=None, runner_class=None):
     """netsmtp-send: deliver spool entries; exit 0, 75 if any deferred, 1 on errors."""
     from .runner import QueueRunner
     from .spool import resolve
-    parser = Parser(prog="netsmtp-send", description=(
+    parser = Parser(prog=SEND, description=(
         "Deliver spooled messages: each PATH is a spool entry (spool/ID.msg or "
         "spool/ID.state) or a spool directory for all its entries."))
     parser.add_argument("paths", nargs="+", metavar="PATH",
@@ -56,7 +52,7 @@ def send_main(argv=None, runner_class=None):
                         help="only entries whose next attempt time has come, oldest first")
     parser.add_argument("--dry-run", action="store_true",
                         help="say what each entry would do; change nothing")
-    add_options(parser, SEND_OPTIONS)
+    add_options(parser, options_of(SEND))
     args = parser.parse_args(argv)
     options = options_from(parser, args)
     setup_logging(options)
@@ -93,8 +89,8 @@ def send_main(argv=None, runner_class=None):
 def queue_main(argv=None):
     """netsmtp-queue: list the queue like mailq, or as JSON with --json."""
     from .spool import Spool
-    parser = Parser(prog="netsmtp-queue", description="List the messages in the spool.")
-    add_options(parser, ("spool",))
+    parser = Parser(prog=QUEUE, description="List the messages in the spool.")
+    add_options(parser, options_of(QUEUE))
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print a JSON list of entries")
     output.add_argument("--prometheus", action="store_true",

@@ -1,6 +1,7 @@
 """The command line and the options table: flags, TOML keys, keywords, exit codes."""
 
 import ipaddress
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,10 @@ import pytest
 
 from conftest import ROOT
 from netsmtp.cli import main
-from netsmtp.options import SPEC, OptionError, Options
+from netsmtp.options import DAEMON, QUEUE, SEND, SPEC, OptionError, Options, options_of
+from netsmtp.queue_cli import queue_main, send_main
+from netsmtp.spool import Spool
+from smarthost import run_cli
 
 
 def run(*args):
@@ -72,12 +76,60 @@ def test_port_in_use_is_reported(tmp_path):
     assert result.returncode == 1 and "cannot listen" in result.stderr
 
 
+def flags_in(text):
+    """The long flags a --help text shows (--no-X forms counted as --X)."""
+    return {flag.replace("--no-", "--") for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", text)}
+
+
 def test_help_lists_every_option():
-    """Every option of the table is a command-line flag."""
+    """Every option of the table is a command-line flag of a program that reads it."""
     result = run("--help")
     assert result.returncode == 0
     for opt in SPEC.values():
-        assert opt.flag in result.stdout, opt.flag
+        assert DAEMON in opt.programs or SEND in opt.programs or QUEUE in opt.programs, opt.name
+        if DAEMON in opt.programs:
+            assert opt.flag in flags_in(result.stdout), opt.flag
+
+
+@pytest.mark.parametrize("program,main_function", [
+    (DAEMON, main), (SEND, send_main), (QUEUE, queue_main)])
+def test_help_shows_only_the_programs_own_flags(program, main_function, capsys):
+    """Each --help lists exactly the options its program reads; shared ones appear in each."""
+    with pytest.raises(SystemExit) as exited:
+        main_function(["--help"])
+    assert exited.value.code == 0
+    own = {SPEC[name].flag for name in options_of(program)}
+    shown = flags_in(capsys.readouterr().out) & {opt.flag for opt in SPEC.values()}
+    assert shown == own
+    assert "--log-level" in shown if program != QUEUE else "--spool" in shown
+
+
+def test_daemon_help_leaves_out_the_queue():
+    """netsmtp --help no longer lists the smarthost and retry flags it ignores."""
+    shown = flags_in(run("--help").stdout)
+    assert "--listen" in shown and "--max-size" in shown
+    assert not shown & {"--smarthost-tls", "--routes", "--retry-max", "--maildir-root"}
+
+
+def test_one_config_file_serves_both_programs(tmp_path, capsys):
+    """Each program accepts the other's keys in a shared TOML file; unknown keys still fail."""
+    from netsmtp import cli
+    config = tmp_path / "netsmtp.toml"
+    config.write_text('listen = "127.0.0.1:0"\nworkers = 2\nmax_size = 1000\n'
+                      'smarthost = "127.0.0.1:1"\nretry_max = "1h"\nhostname = "mx.test"\n')
+    parser = cli.Parser(prog=DAEMON)
+    cli.add_options(parser, options_of(DAEMON))
+    options = cli.options_from(parser, parser.parse_args(["--config", str(config)]))
+    assert options.max_size == 1000 and options.smarthost == ("127.0.0.1", 1)
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    assert run_cli(send_main, ["--config", config, "--dry-run", spool.path]) == 0
+    assert run_cli(queue_main, ["--config", config, "--spool", spool.path]) == 0
+    capsys.readouterr()
+    config.write_text('no_such_key = 1\n')
+    with pytest.raises(SystemExit) as exited:
+        run_cli(send_main, ["--config", config, spool.path])
+    assert exited.value.code == 2 and "no_such_key" in capsys.readouterr().err
 
 
 def test_main_returns_exit_codes(capsys):
