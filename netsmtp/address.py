@@ -90,3 +90,17 @@ def ip_of(text):
     if address.version == 6 and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def in_networks(peer, networks):
+    """True when the client peer is in networks.
+
+    peer None is a session with no known client address ("local"); only the
+    word "local" among the networks matches it, so an unknown client is never
+    trusted by default.
+    """
+    if peer is None:
+        return "local" in networks
+    address = ip_of(peer)
+    return address is not None and any(
+        not isinstance(net, str) and address in net for net in networks)

@@ -18,13 +18,15 @@ session there is its process id, and the entries of dead processes expire.
 FailureLog counts failed AUTH attempts per client in the same way.
 """
 
+import fcntl
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import time
 
-from .address import ip_of
+from .address import in_networks, ip_of
 from .replies import format_reply
 
 log = logging.getLogger("netsmtp.limits")
@@ -68,20 +70,110 @@ def refuse_connection(sock, options, reason):
         pass
 
 
-def limits_configured(options):
-    """True when any limit beyond the runner's own max_sessions is set."""
-    return bool(options.conn_rate_limit or options.conn_rate_total
-                or options.max_sessions_per_client)
+def per_client_cap(options):
+    """The concurrent sessions one client may hold; 0 when there is no cap.
+
+    Unset, it is half of max_sessions (Postfix's anvil ratio), at least 1;
+    under --stdin, unset means off: a superserver has its own per-source
+    limit, and a plain inetd session should touch no shared file.
+    """
+    if options.max_sessions_per_client is not None:
+        return options.max_sessions_per_client
+    if options.stdin or not options.max_sessions:
+        return 0
+    return max(1, options.max_sessions // 2)
+
+
+def exempt(options, peer):
+    """True when peer is in the relay networks, which no per-client cap counts."""
+    return in_networks(peer, options.relay_networks)
+
+
+def rates_configured(options):
+    return bool(options.conn_rate_limit or options.conn_rate_total)
+
+
+def stdin_limits_configured(options):
+    """Under --stdin the shared limits file is used only when a limit was set."""
+    return bool(rates_configured(options) or options.max_sessions_per_client
+                or options.given("max_sessions"))
+
+
+class SessionTable:
+    """The sessions of a forking or prefork server, in memory its processes share.
+
+    The server makes the table before it forks and gives each child or
+    worker a slot of its own (use(slot) in the child); the slot holds the
+    client key of the session running there.  admit() counts the other
+    slots under a lock, so two processes cannot both take the last place;
+    the server clears a slot when its process has ended (clear()), so a
+    killed session never holds one.  Nothing is written to disk and no
+    process id is trusted across a restart.
+    """
+
+    KEY_SIZE = 48  # octets of a client key: "ffff:...:ffff::/64" is 24
+
+    def __init__(self, options, slots):
+        self.slots = slots
+        self.max_total = options.max_sessions
+        self.max_per_client = per_client_cap(options)
+        self.options = options
+        import tempfile
+        self.memory = mmap.mmap(-1, max(1, slots) * self.KEY_SIZE)
+        self.lock_file = tempfile.TemporaryFile(prefix="netsmtp-sessions-")
+        self.slot = None
+
+    def use(self, slot):
+        """In the child or worker: this process's sessions go into slot."""
+        self.slot = slot
+
+    def keys(self):
+        size = self.KEY_SIZE
+        return [self.memory[i * size:(i + 1) * size].rstrip(b"\0")
+                for i in range(self.slots)]
+
+    def admit(self, peer):
+        """None when a session from peer may start in this process's slot, else why not."""
+        key = client_key(peer).encode("utf-8", "replace")[:self.KEY_SIZE]
+        fcntl.lockf(self.lock_file, fcntl.LOCK_EX)
+        try:
+            others = [k for i, k in enumerate(self.keys()) if k and i != self.slot]
+            reason = None
+            if self.max_total and len(others) >= self.max_total:
+                reason = "too many sessions"
+            elif (self.max_per_client and others.count(key) >= self.max_per_client
+                    and not exempt(self.options, peer)):
+                reason = "too many sessions from your address"
+            if reason is None:
+                self.write(self.slot, key)
+        finally:
+            fcntl.lockf(self.lock_file, fcntl.LOCK_UN)
+        if reason is not None:
+            log.info("%s: connection refused: %s", key.decode("utf-8", "replace"), reason)
+        return reason
+
+    def release(self, peer):
+        self.write(self.slot, b"")
+
+    def clear(self, slot):
+        """In the server, once the process that used slot has ended."""
+        self.write(slot, b"")
+
+    def write(self, slot, key):
+        start = slot * self.KEY_SIZE
+        self.memory[start:start + self.KEY_SIZE] = key.ljust(self.KEY_SIZE, b"\0")
 
 
 class Limits:
     """Connection limits counted in this process (see the module docstring)."""
 
-    def __init__(self, options, clock=time.monotonic):
+    def __init__(self, options, clock=time.monotonic, sessions=True):
+        self.options = options
         self.per_client_rate = options.conn_rate_limit
         self.total_rate = options.conn_rate_total
-        self.max_per_client = options.max_sessions_per_client
-        self.max_total = options.max_sessions
+        # sessions=False: only the rates, when a SessionTable counts sessions.
+        self.max_per_client = per_client_cap(options) if sessions else 0
+        self.max_total = options.max_sessions if sessions else 0
         self.clock = clock
         self.starts = []      # [time, peer] of admitted sessions, oldest first
         self.sessions = {}    # peer -> concurrent sessions
@@ -91,7 +183,7 @@ class Limits:
         key = client_key(peer)
         now = self.clock()
         self.expire(now)
-        reason = self.refusal_reason(key, now)
+        reason = self.refusal_reason(key, now, exempt(self.options, peer))
         if reason is None:
             self.starts.append([now, key])
             del self.starts[:-MAX_TRACKED]
@@ -116,10 +208,11 @@ class Limits:
             cut += 1
         del self.starts[:cut]
 
-    def refusal_reason(self, key, now):
+    def refusal_reason(self, key, now, exempt=False):
         if self.max_total and sum(self.sessions.values()) >= self.max_total:
             return "too many sessions"
-        if self.max_per_client and self.sessions.get(key, 0) >= self.max_per_client:
+        if (self.max_per_client and not exempt
+                and self.sessions.get(key, 0) >= self.max_per_client):
             return "too many sessions from your address"
         if self.total_rate:
             count, seconds = self.total_rate
@@ -178,8 +271,8 @@ class SharedLimits(Limits):
     hold a slot for ever.  One process serves one session at a time.
     """
 
-    def __init__(self, options, clock=time.monotonic):
-        super().__init__(options, clock)
+    def __init__(self, options, clock=time.monotonic, sessions=True):
+        super().__init__(options, clock, sessions)
         self.state = SharedState(os.path.join(options.spool, "locks", "limits.json"))
 
     def admit(self, peer):

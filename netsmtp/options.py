@@ -78,8 +78,10 @@ def parse_domains(value):
 
 
 def parse_networks(value):
+    """Networks, and the word "local" for sessions with no client address."""
     import ipaddress
-    return tuple(ipaddress.ip_network(item, strict=False) for item in parse_list(value))
+    return tuple(item.lower() if item.lower() == "local" else ipaddress.ip_network(item, strict=False)
+                 for item in parse_list(value))
 
 
 def parse_hostport(value):
@@ -162,7 +164,8 @@ SPEC = {opt.name: opt for opt in (
            "comma-separated domains accepted from anyone (default: the hostname)",
            (DAEMON, SEND)),
     Option("relay_networks", "127.0.0.0/8,::1", parse_networks,
-           "comma-separated networks that may relay to any domain, or none"),
+           "comma-separated networks that may relay to any domain, or none; "
+           "the word local stands for sessions with no client address"),
     Option("max_size", 20_000_000, parse_int, "largest message accepted, in octets"),
     Option("max_recipients", 100, parse_int, "most recipients per message"),
     Option("timeout", 300.0, parse_seconds,
@@ -192,7 +195,8 @@ SPEC = {opt.name: opt for opt in (
     Option("conn_rate_total", None, parse_rate,
            "most new sessions in total, N/SECONDS (default: off)"),
     Option("max_sessions_per_client", None, parse_int,
-           "most concurrent sessions per client address (default: off)"),
+           "most concurrent sessions per client address; relay networks are exempt "
+           "(default: half of --max-sessions, at least 1; under --stdin off; 0: off)"),
     Option("max_bad_commands", 20, parse_int,
            "refused commands before 421 and close (0: no limit)"),
     Option("error_delay", 1.0, parse_delay,
@@ -275,6 +279,10 @@ class Options:
             self.local_domains = (self.hostname.lower(),)
         if self.sink_dir:
             self.sink = True
+
+    def given(self, name):
+        """True when name was set (a flag, a TOML key or a keyword), not defaulted."""
+        return name in self._given
 
     def replace(self, **changes):
         """A copy with some values changed."""

@@ -8,7 +8,7 @@ changes nothing else.  Override them in a Session subclass.
 import re
 import socket
 
-from .address import domain_of, ip_of
+from .address import domain_of, in_networks, ip_of
 from .replies import SMTPError
 
 # RFC 5322 section 3.6.8: a field name is printable ASCII but the colon;
@@ -21,8 +21,9 @@ class Policy:
 
     The defaults make no open relay: any client may send to the local
     domains; only the relay networks (and, with AUTH, authenticated users)
-    may send anywhere else.  A session with no client address (a local pipe
-    into --stdin) is trusted like the loopback.
+    may send anywhere else.  A session with no client address (a pipe into
+    --stdin with no address in its environment) may relay only when
+    options.relay_networks holds the word "local".
 
     Class variables that may be overridden (the bounds of the message checks):
         max_header_fields      header fields in one message
@@ -121,9 +122,5 @@ class Policy:
 
     def may_relay(self):
         """True when this client may send to any domain."""
-        if self.peer is None or self.auth_user is not None:
-            return True
-        address = ip_of(self.peer)
-        return address is not None and any(
-            address in net for net in self.options.relay_networks)
+        return self.auth_user is not None or in_networks(self.peer, self.options.relay_networks)
 

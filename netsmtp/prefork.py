@@ -6,7 +6,9 @@ serve one connection after another; so does this.  The master never accepts:
 it forks options.workers workers at start, forks more as soon as fewer than
 SPARE_WORKERS are idle (up to options.max_sessions in all, so no client waits
 behind a busy worker), retires idle ones the pool no longer needs, and
-replaces any that exit or die.  A worker reports busy/idle to the master over
+replaces any that exit or die.  With every one of options.max_sessions
+workers busy, the master accepts what arrives and refuses it with a 421, so
+no client waits unanswered in the listen backlog.  A worker reports busy/idle to the master over
 a pipe and leaves after options.max_connections_per_worker connections.
 
 Each worker waits on the listening socket with epoll and EPOLLEXCLUSIVE, so a
@@ -23,11 +25,12 @@ import socket
 import struct
 import time
 
-from .limits import SharedLimits, limits_configured, refuse_connection
-from .server import SessionHandler, stop_signals
+from .connection import Connection, serve
+from .limits import SessionTable, SharedLimits, rates_configured, refuse_connection
+from .server import stop_signals
 from .session import Session
 
-log = logging.getLogger("netsmtp")
+log = logging.getLogger(__name__)
 
 SPARE_WORKERS = 2    # idle workers kept ready under load (at most options.workers)
 SHRINK_AFTER = 10.0  # seconds of surplus before one idle worker is retired
@@ -43,7 +46,6 @@ IDLE, BUSY = 0, 1
 class PreforkServer:
     """Listen on options.listen and serve connections with a pool of workers.
 
-    Needs the attributes SessionHandler reads: options, spool, session_class.
     serve() returns once SIGTERM or SIGINT stopped the pool and every worker
     has finished its current message.
 
@@ -65,8 +67,15 @@ class PreforkServer:
                                            backlog=options.backlog)
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()
-        self.size = max(1, options.workers)
-        self.limit = max(self.size, options.max_sessions)
+        # Never more workers than sessions allowed: each serves one at a time.
+        self.limit = options.max_sessions or max(1, options.workers)
+        self.size = min(max(1, options.workers), self.limit)
+        self.table = SessionTable(options, self.limit)
+        self.free_slots = list(range(self.limit - 1, -1, -1))
+        self.slot_of = {}      # pid -> its slot in self.table
+        self.admission = [self.table]
+        if rates_configured(options):
+            self.admission.append(SharedLimits(options, sessions=False))
         self.workers = {}      # pid -> monotonic time it was forked
         self.busy = set()
         self.retiring = set()
@@ -88,11 +97,16 @@ class PreforkServer:
                 while not self.stop_requested:
                     self.reap()
                     self.adjust()
-                    ready, _, _ = select.select([self.status_read, wake], [], [], 1.0)
+                    watched = [self.status_read, wake]
+                    if self.saturated():
+                        watched.append(self.socket)
+                    ready, _, _ = select.select(watched, [], [], 1.0)
                     if wake in ready:
                         os.read(wake, 512)
                     if self.status_read in ready:
                         pending = self.read_status(pending)
+                    if self.socket in ready and self.saturated():
+                        self.refuse_waiting()
         finally:
             self.stop()
 
@@ -112,6 +126,24 @@ class PreforkServer:
         os.close(self.status_read)
         os.close(self.status_write)
         log.info("stopped")
+
+    def saturated(self):
+        """True when every worker the pool may have is busy."""
+        return len(self.workers) >= self.limit and len(self.busy) >= len(self.workers)
+
+    def refuse_waiting(self):
+        """Accept the connections no worker can take and refuse them with a 421."""
+        for _ in range(self.options.backlog or 1):
+            try:
+                request, _ = self.socket.accept()
+            except OSError:  # BlockingIOError: a worker took it, or none is left
+                return
+            refuse_connection(request, self.options, "too many sessions")
+            try:
+                request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            request.close()
 
     def read_status(self, pending):
         """Apply the workers' busy/idle reports; returns an unread remainder."""
@@ -174,6 +206,9 @@ class PreforkServer:
     def forget(self, pid, status):
         if self.workers.pop(pid, None) is None:
             return
+        slot = self.slot_of.pop(pid)
+        self.table.clear(slot)
+        self.free_slots.append(slot)
         self.busy.discard(pid)
         self.retiring.discard(pid)
         code = os.waitstatus_to_exitcode(status)
@@ -195,12 +230,16 @@ class PreforkServer:
         # Until the worker has its own handlers, a SIGTERM would run the
         # master's copy in the child and be lost: hold signals over the fork.
         signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        slot = self.free_slots.pop()
+        self.table.use(slot)
         pid = -1
         try:
             pid = os.fork()
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+            if pid == -1:
+                self.free_slots.append(slot)
         if pid == 0:
             code = 1
             try:
@@ -210,6 +249,7 @@ class PreforkServer:
             finally:
                 os._exit(code)
         self.workers[pid] = time.monotonic()
+        self.slot_of[pid] = slot
         log.debug("worker %d started (%d in pool)", pid, len(self.workers))
 
 
@@ -288,31 +328,21 @@ class Worker:
         signal.signal(RETIRE, retire)
 
     def handle(self, request, client_address):
-        """Serve one connection, then close it; errors end it, not the worker."""
-        # Workers share nothing, so the per-client limits live in the spool.
-        limits = SharedLimits(self.options) if limits_configured(self.options) else None
-        reason = handler = None
+        """Serve one connection (netsmtp.connection); errors end it, not the worker."""
+        session = None
         try:
-            reason = limits.admit(client_address[0]) if limits else None
-            if reason is not None:
-                refuse_connection(request, self.options, reason)
-                return
-            handler = SessionHandler(request, client_address, self)
+            connection = Connection.from_socket(request, self.options, peer=client_address[0])
+            session = serve(connection, self.options, self.spool, self.session_class,
+                            self.server.admission, stop_requested=lambda: self.stop_requested)
         except Exception:
             log.exception("error serving %s", client_address)
+            request.close()
         finally:
             self.listen_to_signals()
             # Checked after the worker's handlers are back, so a stop that
             # reached the session's handler at any moment is not lost.
-            if getattr(getattr(handler, "session", None), "stopping", False):
+            if session is not None and session.stopping:
                 self.stop_requested = True
-            if limits is not None and reason is None:
-                limits.release(client_address[0])
-            try:
-                request.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            request.close()
 
     def report(self, state):
         os.write(self.server.status_write, STATUS.pack(os.getpid(), state))

@@ -8,12 +8,13 @@ import signal
 import socket
 import socketserver
 
-from .inetd import stop_on_signals
-from .limits import Limits, refuse_connection
+from .connection import Connection, serve
+from .limits import SessionTable, SharedLimits, rates_configured, refuse_connection
 from .session import Session
-from .transport import SocketTransport
 
-log = logging.getLogger("netsmtp")
+log = logging.getLogger(__name__)
+
+DEFAULT_SLOTS = 4096  # sessions at once when --max-sessions is 0 (no cap)
 
 
 @contextlib.contextmanager
@@ -40,32 +41,6 @@ def stop_signals(server):
         os.close(wake_write)
 
 
-class SessionHandler(socketserver.StreamRequestHandler):
-    """Serve one accepted connection with the server's session class.
-
-    Runs in a forked child or a prefork worker; server needs options, spool
-    and session_class.
-    """
-
-    def setup(self):
-        self.request.settimeout(self.server.options.timeout)
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().setup()
-
-    def handle(self):
-        options = self.server.options
-        transport = SocketTransport(self.request, options.timeout, options.tls_timeout)
-        self.session = session = self.server.session_class(
-            self.rfile, self.wfile, peer=self.client_address[0],
-            options=options, spool=self.server.spool, transport=transport)
-        stop_on_signals(session)
-        # A stop that came before the session's handler was in place counts.
-        if self.server.stop_requested:
-            session.stopping = True
-        session.handle()
-        transport.close()  # after STARTTLS the runner's socket is no longer it
-
-
 class ForkingServer(socketserver.ForkingTCPServer):
     """A ForkingTCPServer with explicit limits and a graceful stop.
 
@@ -82,16 +57,22 @@ class ForkingServer(socketserver.ForkingTCPServer):
         self.spool = spool
         self.session_class = session_class
         self.request_queue_size = options.backlog
-        # self.limits refuses the session over max_sessions with a 421;
-        # socketserver would instead stop accepting at max_children.
-        self.max_children = options.max_sessions + 1
-        self.limits = Limits(options)
-        self.sessions = {}  # child pid -> client address, for limits.release()
+        # One slot per session: a connection with no free slot is refused
+        # with a 421 at once; socketserver would block in waitpid() at
+        # max_children instead, with connections piling up in the backlog.
+        slots = options.max_sessions or DEFAULT_SLOTS
+        self.max_children = slots + 1
+        self.table = SessionTable(options, slots)
+        self.free_slots = list(range(slots - 1, -1, -1))
+        self.slot_of = {}  # child pid -> its slot in self.table
+        self.admission = [self.table]
+        if rates_configured(options):
+            self.admission.append(SharedLimits(options, sessions=False))
         self.stop_requested = False
         host, port = options.listen
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, port), SessionHandler)
+        super().__init__((host, port), socketserver.BaseRequestHandler)
 
     def serve(self):
         """Accept connections until SIGTERM or SIGINT, then wait for the sessions."""
@@ -115,34 +96,40 @@ class ForkingServer(socketserver.ForkingTCPServer):
         log.info("stopped")
 
     def process_request(self, request, client_address):
-        """Admit the connection (netsmtp.limits) before a child is forked for it."""
-        peer = client_address[0]
-        reason = self.limits.admit(peer)
-        if reason is not None:
-            refuse_connection(request, self.options, reason)
+        """Fork a child for the connection in a free slot, or refuse it with a 421."""
+        self.collect_children()
+        if not self.free_slots:
+            refuse_connection(request, self.options, "too many sessions")
             self.shutdown_request(request)
             return
+        slot = self.free_slots.pop()
+        self.table.use(slot)
         known = set(self.active_children or ())
         try:
             super().process_request(request, client_address)  # the child exits in it
         finally:
             started = set(self.active_children or ()) - known
             if started:
-                self.sessions[started.pop()] = peer
+                self.slot_of[started.pop()] = slot
             else:
-                self.limits.release(peer)
+                self.free_slots.append(slot)
 
     def collect_children(self, *, blocking=False):
         super().collect_children(blocking=blocking)
-        for pid in set(self.sessions) - set(self.active_children or ()):
-            self.limits.release(self.sessions.pop(pid))
+        for pid in set(self.slot_of) - set(self.active_children or ()):
+            slot = self.slot_of.pop(pid)
+            self.table.clear(slot)
+            self.free_slots.append(slot)
 
     def finish_request(self, request, client_address):
-        # In the child: it must not hold the listening socket, for once the
-        # parent closes it on shutdown nobody would accept what queues there.
+        """In the child: serve the connection (netsmtp.connection)."""
+        # It must not hold the listening socket, for once the parent closes
+        # it on shutdown nobody would accept what queues there.
         self.socket.close()
         signal.set_wakeup_fd(-1)
-        super().finish_request(request, client_address)
+        connection = Connection.from_socket(request, self.options, peer=client_address[0])
+        serve(connection, self.options, self.spool, self.session_class, self.admission,
+              stop_requested=lambda: self.stop_requested)
 
     def handle_error(self, request, client_address):
         log.exception("error serving %s", client_address)

@@ -1,6 +1,7 @@
 """The SMTP session: one method per verb over a binary reader and writer."""
 
 import logging
+import signal
 import time
 
 from .address import AddressError, parse_path
@@ -108,6 +109,19 @@ class Session(Policy):
         self.tag = printable(peer or "local")
 
     # -- the connection loop ---------------------------------------------
+
+    def stop_on_signals(self):
+        """Make SIGTERM and SIGINT stop this session gracefully.
+
+        An idle session (no transaction) is interrupted at once and says
+        421; a session in a transaction finishes its current message first.
+        """
+        def stop(signum, frame):
+            self.stopping = True
+            if self.idle:
+                raise ShuttingDown
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
     def handle(self):
         """Greet, serve commands until QUIT, EOF, timeout or shutdown."""

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port, need_tool, replies_of, spooled
+from conftest import ROOT, free_port, need_tool, replies_of, spooled, wait_for
 from netsmtp.envelope import Envelope
 from netsmtp.spool import Spool
 
@@ -198,3 +198,93 @@ def test_under_xinetd(tmp_path):
             proc.terminate()
             proc.wait(10)
     pytest.fail("xinetd did not start: %s" % proc.stderr.read().decode())
+
+
+RELAY_ATTEMPT = (b"EHLO evil.example\r\nMAIL FROM:<spam@evil.example>\r\n"
+                 b"RCPT TO:<victim@elsewhere.example>\r\nQUIT\r\n")
+
+
+def over_socketpair(spool, data, env=None, args=()):
+    """--stdin on an AF_UNIX socketpair, as socat EXEC: and stunnel exec = hand it over.
+
+    Returns (the client's view of the replies, netsmtp's stderr)."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netsmtp", "--stdin", "--spool", spool, "--hostname", "mx.test",
+         "--local-domains", "mx.test", *args],
+        stdin=theirs, stdout=theirs, stderr=subprocess.PIPE, cwd=ROOT,
+        env={k: v for k, v in {**os.environ, **(env or {})}.items()
+             if k not in ("TCPREMOTEIP", "REMOTE_HOST", "SOCAT_PEERADDR") or k in (env or {})})
+    theirs.close()
+    ours.sendall(data)
+    ours.shutdown(socket.SHUT_WR)
+    ours.settimeout(30)
+    received = b"".join(iter(lambda: ours.recv(4096), b""))
+    ours.close()
+    stderr = proc.stderr.read().decode()
+    proc.wait(30)
+    return replies_of(received), stderr
+
+
+@pytest.mark.parametrize("env", [{}, {"REMOTE_HOST": "203.0.113.7"},
+                                 {"TCPREMOTEIP": "203.0.113.7"}, {"SOCAT_PEERADDR": "203.0.113.7"}],
+                         ids=["no-address", "stunnel", "tcpserver", "socat"])
+def test_unix_socket_on_fd0_is_no_open_relay(tmp_path, env):
+    """An AF_UNIX socketpair on fd 0 with or without an address in the environment may
+    not relay: the address is taken from the environment, and no address is no trust."""
+    replies, stderr = over_socketpair(str(tmp_path / "spool"), RELAY_ATTEMPT, env)
+    assert [code for code, _ in replies] == [220, 250, 250, 550, 221]
+    assert replies[3][1] == ["550 5.7.1 Relaying denied for <victim@elsewhere.example>"]
+    if env:
+        [(name, value)] = env.items()
+        assert "203.0.113.7: client address from %s" % name in stderr
+    else:
+        assert "no client address" in stderr
+
+
+def test_addresses_in_the_environment_in_order(tmp_path):
+    """TCPREMOTEIP before REMOTE_HOST before SOCAT_PEERADDR; a value that is no IP
+    address is skipped with a warning."""
+    spool = str(tmp_path / "spool")
+    result = stdin_mode(spool, SESSION, env={"TCPREMOTEIP": "not-an-ip", "REMOTE_HOST": "",
+                                            "SOCAT_PEERADDR": "[2001:db8::5]"})
+    assert only_entry(spool)[0].client == "2001:db8::5"
+    assert b"ignoring TCPREMOTEIP=not-an-ip" in result.stderr
+
+
+def test_local_sessions_relay_only_when_listed(tmp_path):
+    """--relay-networks local trusts a session with no client address; nothing else does."""
+    replies, _ = over_socketpair(str(tmp_path / "spool"), RELAY_ATTEMPT,
+                                 args=["--relay-networks", "local"])
+    assert [code for code, _ in replies] == [220, 250, 250, 250, 221]
+    replies, _ = over_socketpair(str(tmp_path / "spool"), RELAY_ATTEMPT,
+                                 env={"REMOTE_HOST": "203.0.113.7"},
+                                 args=["--relay-networks", "local"])
+    assert [code for code, _ in replies] == [220, 250, 250, 550, 221]
+
+
+def test_socat_exec_front_end_is_no_open_relay(tmp_path):
+    """A real socat TCP-LISTEN ... EXEC:netsmtp front end (a socketpair on fd 0 and
+    SOCAT_PEERADDR): a client on 127.0.0.1 counts as 127.0.0.1, one step from the
+    relay networks, so with --relay-networks none it may not relay."""
+    socat = need_tool("socat")
+    port = free_port()
+    command = "%s -m netsmtp --stdin --spool %s --hostname mx.test --local-domains mx.test " \
+              "--relay-networks none" % (sys.executable, tmp_path / "spool")
+    proc = subprocess.Popen([socat, "TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr" % port,
+                             "EXEC:%s" % command], cwd=ROOT, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ROOT)})
+    try:
+        def connected():
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=20)
+            except ConnectionRefusedError:
+                return None
+        client = wait_for(connected, what="socat to listen")
+        client.sendall(RELAY_ATTEMPT)
+        received = b"".join(iter(lambda: client.recv(4096), b""))
+        client.close()
+    finally:
+        proc.wait(30)
+    assert [code for code, _ in replies_of(received)] == [220, 250, 250, 550, 221]
+    assert b"127.0.0.1: client address from SOCAT_PEERADDR" in proc.stderr.read()

@@ -11,7 +11,6 @@ import pytest
 from conftest import Conversation, make_options, replies_of, spooled
 from netsmtp.envelope import Envelope
 from netsmtp.replies import SMTPError
-from netsmtp.inetd import stop_on_signals
 from netsmtp.session import Session
 from netsmtp.spool import Spool
 
@@ -411,11 +410,12 @@ def test_queued_replies_are_bounded(options, spool):
     ("192.0.2.1", b"u@mx.test", 250), ("192.0.2.1", b"u@Example.Test", 250),
     ("192.0.2.1", b"u@elsewhere.test", 550), ("127.0.0.1", b"u@elsewhere.test", 250),
     ("::1", b"u@elsewhere.test", 250), ("::ffff:127.0.0.1", b"u@elsewhere.test", 250),
-    ("2001:db8::1", b"u@elsewhere.test", 550), (None, b"u@elsewhere.test", 250),
+    ("2001:db8::1", b"u@elsewhere.test", 550), (None, b"u@elsewhere.test", 550),
 ], ids=["local", "local-case", "relay-denied", "loopback", "v6-loopback", "mapped",
         "v6-outside", "local-pipe"])
 def test_no_open_relay(converse, peer, rcpt, code):
-    """Local domains from anyone; other domains only from the relay networks."""
+    """Local domains from anyone; other domains only from the relay networks; a session
+    with no client address is in none of them by default."""
     converse.peer = peer
     assert converse.codes(SENDER + [b"RCPT TO:<" + rcpt + b">"])[-1] == code
 
@@ -639,7 +639,7 @@ def test_sigterm_while_the_250_is_written_still_sends_it(options, spool):
     out = SignalledWire()
     session = Session(io.BytesIO(data), out, options=options, spool=spool)
     saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    stop_on_signals(session)
+    session.stop_on_signals()
     try:
         session.handle()
     finally:

@@ -1,0 +1,189 @@
+"""One path from an accepted connection to a finished session, for every server.
+
+The forking server, the prefork workers and --stdin differ only in how a
+connection arrives.  From there on they share this module: socket setup,
+the client's address and where it came from, admission, the session
+(implicit TLS included) with its signal handlers, release and close.  A
+defence written here holds in every server mode.
+"""
+
+import logging
+import os
+import select
+import socket
+import stat
+
+from .address import ip_of
+from .limits import refusal
+from .replies import format_reply, printable
+from .transport import PipeTransport, SocketTransport
+
+log = logging.getLogger(__name__)
+
+# Where --stdin finds the client address when fd 0 is no TCP socket, in this
+# order: tcpserver, xinetd and stunnel, socat.
+ADDRESS_VARIABLES = ("TCPREMOTEIP", "REMOTE_HOST", "SOCAT_PEERADDR")
+
+
+class PipeReader:
+    """read1() on a pipe with an idle timeout, as a socket timeout gives."""
+
+    def __init__(self, fd, timeout):
+        self.fd = fd
+        self.timeout = timeout
+
+    def read1(self, size):
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError("idle timeout")
+        return os.read(self.fd, size)
+
+
+class PipeWriter:
+    """write() to a pipe with a timeout, so a client that stops reading ends the session."""
+
+    def __init__(self, fd, timeout):
+        self.fd = fd
+        self.timeout = timeout
+
+    def write(self, data):
+        # A pipe select() calls writable has room for PIPE_BUF octets, so
+        # writes of at most that much never block.
+        view = memoryview(data)
+        while view:
+            _, ready, _ = select.select([], [self.fd], [], self.timeout)
+            if not ready:
+                raise TimeoutError("write timeout")
+            view = view[os.write(self.fd, view[:select.PIPE_BUF]):]
+
+    def flush(self):
+        pass
+
+
+class Connection:
+    """A client connection as a session needs it.
+
+    transport waits and does TLS (netsmtp.transport); rfile and wfile are
+    its reader and writer; peer is the client's IP address as text, or None
+    when it is unknown (a "local" session); source says where peer came
+    from ("socket", an ADDRESS_VARIABLES name, or "unknown").
+    """
+
+    def __init__(self, transport, rfile, wfile, peer, source):
+        self.transport = transport
+        self.rfile, self.wfile = rfile, wfile
+        self.peer, self.source = peer, source
+
+    @classmethod
+    def from_socket(cls, sock, options, peer=None):
+        """A connected socket: a TCP one gives its peer, unless peer is given."""
+        sock.settimeout(options.timeout)
+        source = "unknown"
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if peer is None:
+                    peer = sock.getpeername()[0]
+            except OSError:  # the client is already gone
+                pass
+        if peer is not None:
+            source = "socket"
+        transport = SocketTransport(sock, options.timeout, options.tls_timeout)
+        rfile, wfile = transport.files()
+        return cls(transport, rfile, wfile, peer, source)
+
+    @classmethod
+    def from_stdin(cls, options, environ=None):
+        """fd 0/1 as inetd, xinetd, tcpserver, stunnel, socat or systemd hand them over.
+
+        The client address comes from fd 0 when it is a TCP socket, else
+        from the first of ADDRESS_VARIABLES that holds an IP address, also
+        when fd 0 is an AF_UNIX socketpair (socat EXEC:, stunnel exec =).
+        """
+        environ = os.environ if environ is None else environ
+        if stat.S_ISSOCK(os.fstat(0).st_mode):
+            connection = cls.from_socket(socket.socket(fileno=os.dup(0)), options)
+        else:
+            connection = cls(PipeTransport(0), PipeReader(0, options.timeout),
+                             PipeWriter(1, options.timeout), None, "unknown")
+        if connection.peer is None:
+            connection.peer, connection.source = address_from(environ)
+        if connection.peer is None:
+            log.warning("local: no client address on fd 0 or in %s; a local session, "
+                        "which may relay only if --relay-networks lists local",
+                        "/".join(ADDRESS_VARIABLES))
+        else:
+            log.info("%s: client address from %s", printable(connection.peer),
+                     connection.source)
+        return connection
+
+    def send_now(self, data):
+        """Write data without ever blocking the server for long; errors are ignored."""
+        sock = getattr(self.transport, "sock", None)
+        try:
+            if sock is not None:
+                sock.setblocking(False)
+                sock.send(data)
+            else:
+                self.wfile.write(data)
+                self.wfile.flush()
+        except OSError:
+            pass
+
+    def close(self):
+        self.transport.close()
+
+
+def address_from(environ):
+    """(address, variable) from the first ADDRESS_VARIABLES holding an IP address."""
+    for name in ADDRESS_VARIABLES:
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        address = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        if ip_of(address) is not None:
+            return address, name
+        log.warning("ignoring %s=%s: not an IP address", name, printable(value))
+    return None, "unknown"
+
+
+def serve(connection, options, spool, session_class, admission=(), stop_requested=None):
+    """Admit the connection, run its session to the end, release and close.
+
+    admission is a sequence of gates with admit(peer) -> None or a reason
+    and release(peer) (netsmtp.limits); a refusal is one 421 4.7.0 line.
+    stop_requested() is asked once the session's own signal handlers are
+    in place, so a stop that came just before is not lost.  Returns the
+    Session, or None when the connection was refused; never raises for the
+    client's sake, and never shows the client an exception.
+    """
+    peer, admitted, session = connection.peer, [], None
+    try:
+        for gate in admission:
+            reason = gate.admit(peer)
+            if reason is not None:
+                if not options.tls_on_connect:  # the client expects a handshake
+                    connection.send_now(refusal(options, reason))
+                return None
+            admitted.append(gate)
+        session = session_class(connection.rfile, connection.wfile, peer=peer,
+                                options=options, spool=spool,
+                                transport=connection.transport)
+        session.stop_on_signals()
+        if stop_requested is not None and stop_requested():
+            session.stopping = True
+        session.handle()
+        return session
+    except Exception:
+        log.exception("%s: internal error serving the connection", printable(peer or "local"))
+        if session is None and not options.tls_on_connect:
+            connection.send_now(format_reply("421 4.3.0", options.hostname))
+        return session
+    finally:
+        for gate in reversed(admitted):
+            try:
+                gate.release(peer)
+            except Exception:
+                log.exception("%s: cannot release the session's admission",
+                              printable(peer or "local"))
+        connection.close()
