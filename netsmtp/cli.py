@@ -100,6 +100,9 @@ def main(argv=None):
     parser = Parser(prog=DAEMON, description="A small, durable SMTP server.")
     add_options(parser, options_of(DAEMON))
     parser.add_argument("--version", action="version", version="netsmtp " + __version__)
+    parser.add_argument("--check-recipient", metavar="ADDRESS",
+                        help="print what ADDRESS resolves to (mailbox, alias targets, or "
+                             "refused and why) and exit: 0 accepted, 1 refused")
     args = parser.parse_args(argv)
     options = options_from(parser, args)
     if options.tls_on_connect and not options.tls_cert:
@@ -111,6 +114,26 @@ def main(argv=None):
     setup_logging(options, protocol_on_stdio=options.stdin)
     if options.sink:
         return sink_main(options)
+
+    if options.recipients:
+        from .recipients import TableError, current
+        try:
+            table = current(options)
+        except TableError as exc:
+            if options.stdin:
+                log.error("%s", exc)
+                from .replies import format_reply
+                sys.stdout.buffer.write(format_reply("421 4.3.0", options.hostname))
+                sys.stdout.buffer.flush()
+            else:
+                print("netsmtp: error: %s" % exc, file=sys.stderr)
+            return EX_USAGE
+        lacking = table.lacks_postmaster()
+        if lacking:
+            log.warning("%s has no postmaster entry for %s; postmaster is accepted and "
+                        "goes where its route takes it", options.recipients, ", ".join(lacking))
+    if args.check_recipient is not None:
+        return check_recipient(options, args.check_recipient)
 
     from .spool import Spool
     spool = Spool(options.spool)
@@ -179,6 +202,33 @@ def serve(options, spool, session_class=None):
              options.spool, options.hostname, options.workers or "fork")
     server.serve()
     return 0
+
+
+def check_recipient(options, text):
+    """--check-recipient: print what an address resolves to; 0 accepted, 1 refused.
+
+    The same steps as a RCPT from a client that may not relay.
+    """
+    from .address import AddressError, domain_of, parse_path
+    from .recipients import resolve
+    from .replies import printable
+    text = text.strip()
+    try:
+        address, params = parse_path(text if text.startswith("<") else "<%s>" % text)
+    except AddressError:
+        address, params = None, None
+    if not address or params:
+        print("%s: refused: 501 5.1.3 bad address syntax" % printable(text))
+        return 1
+    domain = domain_of(address)
+    if domain and domain not in options.local_domains:
+        print("%s: refused: 550 5.7.1 %s is not a local domain (relayed only for the "
+              "relay networks and AUTH)" % (printable(address), printable(domain)))
+        return 1
+    from .recipients import current
+    resolution = resolve(options, address, current(options))
+    print(printable(str(resolution), 4096))
+    return 0 if resolution.accepted else 1
 
 
 def passwd(argv=None):

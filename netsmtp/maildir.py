@@ -4,17 +4,56 @@ import logging
 import os
 
 from .delivery import Delivery, Result
+from .replies import printable
 
 log = logging.getLogger(__name__)
 
 
-class MaildirDelivery(Delivery):
-    """Delivers to MAILDIR_ROOT/<localpart>/ (a Maildir, created on first use).
+def unsafe_local_part(local):
+    """True for a local part that could name another directory, or none."""
+    return not local or local[0] in '."' or "/" in local or "\0" in local
 
-    Local parts are lower-cased; one that could name another directory
-    (with "/", a leading "." or a NUL) is refused with 550.  The message
-    gets Return-Path and Delivered-To headers (RFC 5321 section 4.4) and is
-    fsync'd before the spool entry is let go.
+
+def mailbox_of(options, address, table=None):
+    """The Maildir folder (a local part) that takes address, or None.
+
+    Never a mailbox nobody named: one the recipient table names (an entry
+    without targets, or a local alias target), postmaster (RFC 5321 section
+    4.5.1), or a MAILDIR_ROOT/<localpart>/ directory that already exists.
+    With a recipient delimiter, "ann+lists" falls back to "ann".  The
+    session asks this at RCPT, so an unknown local part is refused with 550
+    before the 250, never bounced after it.
+    """
+    from .recipients import base_of, split_local
+    local, domain = split_local(address)
+    local = local.lower()
+    if unsafe_local_part(local):
+        return None
+    if local == "postmaster":
+        return local
+    candidates = [local]
+    base = base_of(local, options.recipient_delimiter)
+    if base is not None:
+        candidates.append(base)
+    if table is not None:
+        for name in candidates:
+            if "%s@%s" % (name, domain) in table.mailboxes:
+                return name
+    root = options.maildir_root
+    for name in candidates:
+        if root is not None and os.path.isdir(os.path.join(root, name)):
+            return name
+    return None
+
+
+class MaildirDelivery(Delivery):
+    """Delivers to MAILDIR_ROOT/<localpart>/, a Maildir.
+
+    Local parts are lower-cased, and go to the folder mailbox_of() names:
+    one the recipient table names (created on first use) or one that
+    exists; any other is refused with 550, as the session already did at
+    RCPT.  The message gets Return-Path and Delivered-To headers (RFC 5321
+    section 4.4) and is fsync'd before the spool entry is let go.
     """
 
     name = "maildir"
@@ -30,10 +69,14 @@ class MaildirDelivery(Delivery):
         root = self.options.maildir_root
         if root is None:
             return Result(451, "4.3.5 no maildir_root configured")
-        local = recipient.rpartition("@")[0] if "@" in recipient else recipient
-        local = local.lower()
-        if not local or local[0] in '."' or "/" in local or "\0" in local:
-            return Result(550, "5.1.1 no mailbox for local part %r" % local)
+        from .recipients import TableError, current
+        try:
+            table = current(self.options)
+        except TableError as exc:
+            return Result(451, "4.3.5 %s" % exc)
+        local = mailbox_of(self.options, recipient, table)
+        if local is None:
+            return Result(550, "5.1.1 no mailbox for <%s>" % printable(recipient))
         path = os.path.join(root, local)
         try:
             os.makedirs(root, mode=0o700, exist_ok=True)

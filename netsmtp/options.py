@@ -96,6 +96,14 @@ def parse_str(value):
     return str(value)
 
 
+def parse_delimiter(value):
+    """Characters that may start a subaddress extension: "+" or "+-"."""
+    text = str(value)
+    if not text or any(c in text for c in '@."\\ \t') or not text.isprintable():
+        raise ValueError("expected characters such as +, got %r" % value)
+    return text
+
+
 def parse_log_level(value):
     level = str(value).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -211,7 +219,8 @@ SPEC = {opt.name: opt for opt in (
            "HELO must be allowed, the client's address literal, or resolve to it"),
     Option("helo_allowed", None, parse_domains,
            "comma-separated HELO names always accepted by --helo-verify"),
-    # The queue runner, netsmtp-send (see netsmtp.runner); the daemon does not read these.
+    # The queue runner, netsmtp-send (see netsmtp.runner); the daemon reads the route
+    # table and maildir_root too, to refuse at RCPT a mailbox that does not exist.
     Option("smarthost", None, parse_hostport, "where netsmtp-send relays mail, HOST:PORT",
            (SEND,)),
     Option("smarthost_tls", "opportunistic", parse_tls_mode,
@@ -226,11 +235,20 @@ SPEC = {opt.name: opt for opt in (
     Option("smarthost_timeout", 120.0, parse_seconds, "seconds to wait for the smarthost",
            (SEND,)),
     Option("maildir_root", None, parse_str,
-           "deliver the local domains to MAILDIR_ROOT/<localpart>/", (SEND,)),
+           "deliver the local domains to MAILDIR_ROOT/<localpart>/ (the daemon checks at "
+           "RCPT that the mailbox exists)", (DAEMON, SEND)),
     Option("routes", None, parse_routes,
            "delivery per recipient domain, DOMAIN=ROUTE,... and *=ROUTE for the rest "
            "(default: local domains to maildir when --maildir-root is set, * to smarthost)",
-           (SEND,)),
+           (DAEMON, SEND)),
+    # Who exists at the local domains (netsmtp.recipients): the daemon refuses
+    # unknown recipients at RCPT, netsmtp-send finds their Maildirs.
+    Option("recipients", None, parse_str,
+           "recipient table: mailboxes, aliases, @domain catch-alls; unknown local "
+           "recipients get 550 5.1.1", (DAEMON, SEND)),
+    Option("recipient_delimiter", None, parse_delimiter,
+           "characters that start a subaddress extension, e.g. + (ann+lists@ falls "
+           "back to ann@)", (DAEMON, SEND)),
     Option("retry_initial", "5m", parse_duration,
            "first retry delay after a deferral, doubling each attempt (s, m, h, d)", (SEND,)),
     Option("retry_max", "4h", parse_duration, "longest retry delay", (SEND,)),

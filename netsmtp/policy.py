@@ -5,11 +5,16 @@ with the reply to send; the session turns the error into that reply and
 changes nothing else.  Override them in a Session subclass.
 """
 
+import logging
 import re
 import socket
 
+from . import recipients
 from .address import domain_of, in_networks, ip_of
-from .replies import SMTPError
+from .recipients import ALIAS
+from .replies import SMTPError, printable
+
+log = logging.getLogger(__name__)
 
 # RFC 5322 section 3.6.8: a field name is printable ASCII but the colon;
 # section 4.5.1 (obsolete syntax) lets spaces stand before the colon.
@@ -34,6 +39,10 @@ class Policy:
     max_header_fields = 1000
     max_header_field_size = 64 * 1024
     max_received = 100  # RFC 5321 section 6.3 suggests 100 hops
+
+    # The recipient table this session uses, looked up at its first RCPT.
+    recipient_table = None
+    recipient_table_checked = False
 
     def check_client(self, peer):
         """Called once before the greeting with the client address (or None).
@@ -79,12 +88,33 @@ class Policy:
         """Called with each forward path; returns None or replacement addresses.
 
         Returning a list delivers to those addresses instead (an alias or a
-        redirect).  The default refuses relaying with 550 5.7.1.
+        redirect).  The default refuses relaying with 550 5.7.1, and for the
+        local domains runs resolve_recipient(): the recipient table and its
+        aliases, and the Maildir check.  An address that does not exist gets
+        550 5.1.1.  An override that calls super() keeps all of these and
+        adds its own.
         """
         domain = domain_of(address)
-        if domain and domain not in self.options.local_domains and not self.may_relay():
-            raise SMTPError("550 5.7.1", address)
-        return None
+        if domain and domain not in self.options.local_domains:
+            if not self.may_relay():
+                raise SMTPError("550 5.7.1", address)
+            return None
+        resolution = self.resolve_recipient(address)
+        if not resolution.accepted:
+            log.info("%s: <%s> refused: %s", printable(self.peer or "local"),
+                     printable(address), printable(resolution.reason))
+            raise SMTPError(resolution.reply, address)
+        return list(resolution.targets) if resolution.kind == ALIAS else None
+
+    def resolve_recipient(self, address):
+        """The netsmtp.recipients.Resolution of an address at a local domain.
+
+        The recipient file is checked for a change once per session.
+        """
+        if not self.recipient_table_checked:
+            self.recipient_table = recipients.current(self.options)
+            self.recipient_table_checked = True
+        return recipients.resolve(self.options, address, self.recipient_table)
 
     def check_message(self, envelope, headers):
         """Called after the final dot, before the 250.

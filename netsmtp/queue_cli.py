@@ -56,6 +56,12 @@ def send_main(argv=None, runner_class=None):
     args = parser.parse_args(argv)
     options = options_from(parser, args)
     setup_logging(options)
+    if options.recipients:
+        from .recipients import TableError, current
+        try:
+            current(options)  # a bad table stops the run before any delivery
+        except TableError as exc:
+            parser.error(str(exc))
     try:
         runner = (runner_class or QueueRunner)(options, due_only=args.due, dry_run=args.dry_run)
     except ValueError as exc:

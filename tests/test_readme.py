@@ -16,7 +16,7 @@ def blocks(kind):
 
 
 def test_policy_example_works(options, spool):
-    """The subclassing example refuses, rewrites and accepts as its text says."""
+    """The subclassing example refuses, adds a recipient and accepts as its text says."""
     namespace = {"__name__": "readme_example"}
     exec(compile(blocks("python")[0], "README.md", "exec"), namespace)
     converse = Conversation(options.replace(local_domains="example.com"), spool,
@@ -27,7 +27,9 @@ def test_policy_example_works(options, spool):
                       b"DATA", b"Subject: hi\r\n\r\nx\r\n."])
     assert converse.session.messages == 1 and len(spooled(spool)) == 1
     with open(os.path.join(spool.path, spooled(spool)[0]), "rb") as f:
-        assert b'"recipients":["ann@example.com","bob@example.com"]' in f.readline()
+        assert b'"recipients":["sales@example.com","archive@example.com"]' in f.readline()
+    # super() still refuses relaying for the subclass.
+    assert converse.codes(hello + [b"MAIL FROM:<a@c.test>", b"RCPT TO:<u@far.test>"])[-1] == 550
     assert converse.codes(hello + [b"MAIL FROM:<a@c.test>", b"RCPT TO:<u@example.com>",
                                    b"DATA", b"x\r\n."])[-1] == 554
 

@@ -263,7 +263,8 @@ def test_auth_only_over_tls(spool, tls_smarthost, ca, tmp_path):
 def test_maildir_delivery_for_local_domains(spool, smarthost, tmp_path):
     """Local domains go to MAILDIR_ROOT/<localpart>/new with Return-Path; others to the smarthost."""
     root = tmp_path / "mail"
-    put(spool, recipients=["Alice@mx.test", "far@x.test", "../etc@mx.test"])
+    (root / "alice").mkdir(parents=True)  # Maildir delivers only to mailboxes that exist
+    put(spool, recipients=["Alice@mx.test", "far@x.test", "../etc@mx.test", "nobody@mx.test"])
     assert send(spool, smarthost, "--maildir-root", root, "--local-domains", "mx.test") == 0
     [name] = os.listdir(root / "alice" / "new")
     content = (root / "alice" / "new" / name).read_bytes()
@@ -273,7 +274,8 @@ def test_maildir_delivery_for_local_domains(spool, smarthost, tmp_path):
     assert smarthost.delivered_to() == ["far@x.test"]
     assert sorted(os.listdir(root)) == ["alice"]  # "../etc" was refused, not followed
     [(_, dsn)] = bounces(spool)
-    assert "../etc@mx.test" in dsn.get_payload()[0].get_content()
+    report = dsn.get_payload()[0].get_content()
+    assert "../etc@mx.test" in report and "nobody@mx.test" in report
 
 
 def test_route_table_from_config(spool, smarthost, tmp_path):
@@ -281,6 +283,7 @@ def test_route_table_from_config(spool, smarthost, tmp_path):
     config = tmp_path / "netsmtp.toml"
     config.write_text('maildir_root = "%s"\n[routes]\n"box.test" = "maildir"\n'
                       '"*" = "smarthost"\n' % (tmp_path / "mail"))
+    (tmp_path / "mail" / "bob").mkdir(parents=True)
     put(spool, recipients=["bob@box.test", "bob@mx.test"])
     assert send(spool, smarthost, "--config", config) == 0
     assert os.listdir(tmp_path / "mail") == ["bob"]
