@@ -79,8 +79,11 @@ class MaildirDelivery(Delivery):
             return Result(550, "5.1.1 no mailbox for <%s>" % printable(recipient))
         path = os.path.join(root, local)
         try:
-            os.makedirs(root, mode=0o700, exist_ok=True)
-            folder = mailbox.Maildir(path, create=True)
+            # A mailbox named by the table, or a bare directory an operator
+            # made for one: either way it gets its tmp/, new/ and cur/.
+            for sub in ("tmp", "new", "cur"):
+                os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+            folder = mailbox.Maildir(path, create=False)
             prefix = b"Return-Path: <%s>\r\nDelivered-To: %s\r\n" % (
                 envelope.sender.encode(), recipient.encode())
             with envelope.open() as message:

@@ -272,3 +272,35 @@ def test_a_table_without_postmaster_warns_at_start(tmp_path, capsys):
         logger.handlers[:], logger.propagate, logger.level = saved
     captured = capsys.readouterr()
     assert "no postmaster entry for example.com" in captured.err
+
+
+def test_netsmtp_send_delivers_table_mailboxes_and_subaddresses(tmp_path):
+    """A mailbox the table names is made on first delivery; ann+x@ lands in ann's."""
+    from smarthost import put, run_cli
+
+    from netsmtp.queue_cli import send_main
+    (tmp_path / "recipients").write_text(TABLE)
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    put(spool, recipients=["ann+x@example.com", "Bob@example.com"])
+    root = tmp_path / "mail"
+    code = run_cli(send_main, [spool.path, "--recipients", tmp_path / "recipients",
+                               "--recipient-delimiter", "+", "--maildir-root", root,
+                               "--local-domains", ",".join(DOMAINS), "--hostname", "mx.test"])
+    assert code == 0
+    assert sorted(os.listdir(root)) == ["ann", "bob"]
+    [name] = os.listdir(root / "ann" / "new")
+    assert b"Delivered-To: ann+x@example.com" in (root / "ann" / "new" / name).read_bytes()
+
+
+def test_netsmtp_send_refuses_a_bad_table_with_exit_2(tmp_path, capsys):
+    """A table that does not load stops netsmtp-send before any delivery."""
+    from smarthost import run_cli
+
+    from netsmtp.queue_cli import send_main
+    (tmp_path / "recipients").write_text("ann@nowhere.example\n")
+    with pytest.raises(SystemExit) as info:
+        run_cli(send_main, [tmp_path / "spool", "--recipients", tmp_path / "recipients",
+                            "--local-domains", "example.com"])
+    assert info.value.code == 2
+    assert "recipients:1:" in capsys.readouterr().err
