@@ -105,10 +105,11 @@ def test_help_shows_only_the_programs_own_flags(program, main_function, capsys):
 
 
 def test_daemon_help_leaves_out_the_queue():
-    """netsmtp --help no longer lists the smarthost and retry flags it ignores."""
+    """netsmtp --help leaves out the retry flags it ignores, and shows the routes it checks."""
     shown = flags_in(run("--help").stdout)
     assert "--listen" in shown and "--max-size" in shown
-    assert not shown & {"--smarthost-tls", "--routes", "--retry-max", "--maildir-root"}
+    assert not shown & {"--smarthost-timeout", "--retry-max", "--max-queue-lifetime"}
+    assert {"--routes", "--maildir-root", "--recipients"} <= shown
 
 
 def test_one_config_file_serves_both_programs(tmp_path, capsys):
