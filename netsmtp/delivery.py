@@ -24,22 +24,10 @@ with `routes = {"archive.example" = "archive", "*" = "smarthost"}` in the
 config file.
 """
 
-from collections import namedtuple
-
 from .address import domain_of
-from .envelope import DEFERRED, DELIVERED, FAILED
+from .envelope import Result
 
-class Result(namedtuple("Result", "code text")):
-    """An SMTP reply for one recipient: code (int) and text (with the enhanced code)."""
-
-    @property
-    def status(self):
-        if 200 <= self.code < 300:
-            return DELIVERED
-        return FAILED if 500 <= self.code < 600 else DEFERRED
-
-    def __str__(self):
-        return "%d %s" % (self.code, self.text)
+__all__ = ["Delivery", "Result", "Routes"]  # Result lives in envelope.py, with the records
 
 
 class Delivery:

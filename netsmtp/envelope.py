@@ -8,22 +8,88 @@ message file is written once.  JSON only: thawing a spool file can never
 run code.
 """
 
+import dataclasses
+import enum
 import json
 import os
+from collections import namedtuple
 
 SCHEMA_VERSION = 1
 # An envelope line is bounded by the session's limits (recipients, address
 # lengths); anything longer is not ours.
 MAX_ENVELOPE_LINE = 1 << 20
-
-# Recipient statuses.  A message leaves the spool when every recipient is
-# final: delivered, bounced, or dropped (failed, but the sender was <>, which
-# is never bounced).  FAILED lasts only until the bounce is spooled.
-PENDING, DEFERRED, DELIVERED, FAILED, BOUNCED, DROPPED = (
-    "pending", "deferred", "delivered", "failed", "bounced", "dropped")
-FINAL = frozenset((DELIVERED, BOUNCED, DROPPED))
-STATUSES = frozenset((PENDING, DEFERRED, FAILED)) | FINAL
 NoneType = type(None)
+
+
+class Status(enum.StrEnum):
+    """Where a recipient stands; the values are the spool's JSON strings.
+
+    A message leaves the spool when every recipient is final: delivered,
+    bounced, or dropped (failed, but the sender was <>, which is never
+    bounced).  FAILED lasts only until the bounce is spooled.
+    """
+
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    BOUNCED = "bounced"
+    DROPPED = "dropped"
+
+
+PENDING, DEFERRED, DELIVERED, FAILED, BOUNCED, DROPPED = Status
+FINAL = frozenset((DELIVERED, BOUNCED, DROPPED))
+STATUSES = frozenset(Status)
+
+
+class Result(namedtuple("Result", "code text")):
+    """An SMTP reply for one recipient: code (int) and text (with the enhanced code)."""
+
+    @property
+    def status(self):
+        if 200 <= self.code < 300:
+            return DELIVERED
+        return FAILED if 500 <= self.code < 600 else DEFERRED
+
+    @classmethod
+    def parse(cls, reply):
+        """The Result of a reply line as str() wrote it ("451 4.7.1 later")."""
+        code, _, text = reply.partition(" ")
+        return cls(int(code) if code.isdigit() else 500, text)
+
+    def __str__(self):
+        return "%d %s" % (self.code, self.text)
+
+
+@dataclasses.dataclass
+class Recipient:
+    """One recipient's record in the queue.
+
+    address  the forward path, as accepted
+    status   a Status
+    reply    the last Result for it (delivery or expiry), or None
+    """
+
+    address: str
+    status: Status = Status.PENDING
+    reply: Result | None = None
+
+    @property
+    def final(self):
+        return self.status in FINAL
+
+    def to_json(self):
+        """The JSON form of ID.state and netsmtp-queue --json."""
+        return {"address": self.address, "status": str(self.status),
+                "error": None if self.reply is None else str(self.reply)}
+
+    def load(self, item):
+        """Take the delivery state of a JSON item of ID.state; ValueError if bad."""
+        error = item.get("error")
+        if item["status"] not in STATUSES or not isinstance(error, (str, NoneType)):
+            raise ValueError("recipient status %r" % (item["status"],))
+        self.status = Status(item["status"])
+        self.reply = None if error is None else Result.parse(error)
 
 
 class Envelope:
@@ -43,13 +109,10 @@ class Envelope:
 
     A thawed envelope also knows its spool file (path, offset of the
     message, size) and its delivery state:
-    status      {recipient: {"status": PENDING..., "error": reply or None}}
+    status      {address: Recipient}, one record per recipient
     attempts, next_attempt, last_attempt, last_error
 
-    Methods that may be overridden:
-        deliver(recipients, runner)  the delivery step: returns
-                        {recipient: netsmtp.delivery.Result}; the default
-                        routes each recipient to a Delivery of the runner
+    Delivery itself is the runner's (netsmtp.runner.QueueRunner.deliver).
     """
 
     FIELDS = ("id", "sender", "recipients", "helo", "client", "protocol",
@@ -131,7 +194,7 @@ class Envelope:
 
     def load_state(self):
         """Read the delivery state from ID.state (a fresh entry has none)."""
-        self.status = {r: {"status": PENDING, "error": None} for r in self.recipients}
+        self.status = {r: Recipient(r) for r in self.recipients}
         self.attempts, self.next_attempt, self.last_attempt, self.last_error = 0, None, None, None
         try:
             with open(self.state_path, "rb") as f:
@@ -142,11 +205,8 @@ class Envelope:
             raise ValueError("state is not JSON: %s" % exc) from None
         try:
             for item in data["recipients"]:
-                error = item.get("error")
-                if item["status"] not in STATUSES or not isinstance(error, (str, NoneType)):
-                    raise ValueError("recipient status %r" % (item["status"],))
                 if item["address"] in self.status:
-                    self.status[item["address"]] = {"status": item["status"], "error": error}
+                    self.status[item["address"]].load(item)
             self.attempts = int(data["attempts"])
             self.next_attempt, self.last_attempt = data["next_attempt"], data["last_attempt"]
             self.last_error = data["last_error"]
@@ -161,7 +221,7 @@ class Envelope:
         data = {"version": SCHEMA_VERSION, "id": self.id, "attempts": self.attempts,
                 "next_attempt": self.next_attempt, "last_attempt": self.last_attempt,
                 "last_error": self.last_error,
-                "recipients": [{"address": r, **self.status[r]} for r in self.recipients]}
+                "recipients": [self.status[r].to_json() for r in self.recipients]}
         return json.dumps(data, ensure_ascii=False).encode() + b"\n"
 
     def describe(self):
@@ -169,7 +229,7 @@ class Envelope:
         data = {name: getattr(self, name) for name in self.FIELDS}
         data.update(size=self.size, attempts=self.attempts, next_attempt=self.due_at,
                     last_attempt=self.last_attempt, last_error=self.last_error,
-                    recipients=[{"address": r, **self.status[r]} for r in self.recipients])
+                    recipients=[self.status[r].to_json() for r in self.recipients])
         return data
 
     @property
@@ -178,11 +238,12 @@ class Envelope:
         return self.next_attempt if self.next_attempt is not None else self.arrival or 0
 
     def recipients_in(self, *statuses):
-        return [r for r in self.recipients if self.status[r]["status"] in statuses]
+        """The addresses whose status is one of statuses, in order."""
+        return [r for r in self.recipients if self.status[r].status in statuses]
 
     @property
     def finished(self):
-        return all(self.status[r]["status"] in FINAL for r in self.recipients)
+        return all(self.status[r].final for r in self.recipients)
 
     def open(self):
         """The raw message as a binary file, positioned after the envelope."""
@@ -204,21 +265,6 @@ class Envelope:
         from .runner import QueueRunner
         with QueueRunner(Options(spool=os.path.dirname(self.path) or ".")) as runner:
             return runner.send(self)
-
-    def deliver(self, recipients, runner):
-        """The delivery step: {recipient: Result} for each of recipients.
-
-        The default groups recipients by route (runner.route) and hands
-        each group to that route's Delivery.  Override to deliver some other
-        way; a recipient left out of the result is deferred.
-        """
-        groups = {}
-        for recipient in recipients:
-            groups.setdefault(runner.route(recipient), []).append(recipient)
-        results = {}
-        for route, group in groups.items():
-            results.update(runner.delivery(route).deliver(self, group))
-        return results
 
     def __repr__(self):
         return "<Envelope %s from <%s> to %d recipient(s)>" % (

@@ -141,11 +141,11 @@ def print_queue(entries, out):
             e.id, e.size, _when(e.arrival), printable(e.sender),
             "  attempts %d, next %s" % (e.attempts, _when(e.due_at)) if e.attempts else ""))
         for r in e.recipients:
-            status = e.status[r]
+            record = e.status[r]
             recipients += 1
-            out.write("%57s %-9s <%s>%s\n" % ("", status["status"], printable(r),
-                                             "  (%s)" % printable(status["error"])
-                                             if status["error"] else ""))
+            out.write("%57s %-9s <%s>%s\n" % ("", record.status, printable(r),
+                                             "  (%s)" % printable(record.reply)
+                                             if record.reply else ""))
     out.write("-- %d Kbytes in %d Request%s, %d recipient%s.\n" % (
         (sum(e.size for e in entries) + 1023) // 1024, len(entries),
         "" if len(entries) == 1 else "s", recipients, "" if recipients == 1 else "s"))

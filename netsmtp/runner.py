@@ -7,13 +7,14 @@ remove the entry (every recipient delivered or bounced) or write its state
 with the next attempt time (exponential backoff).
 """
 
+import enum
 import logging
 import os
 import time
 
 from .bounce import spool_bounce
-from .delivery import Result, Routes
-from .envelope import BOUNCED, DEFERRED, DROPPED, FAILED, PENDING, Envelope
+from .delivery import Routes
+from .envelope import Envelope, Result, Status
 from .maildir import MaildirDelivery
 from .replies import printable
 from .smarthost import SmarthostDelivery
@@ -22,13 +23,25 @@ from .spool import Busy, Spool
 log = logging.getLogger("netsmtp.runner")
 
 
+class Run(enum.StrEnum):
+    """What a run did with one entry (Outcome.state); the values are what netsmtp-send prints."""
+
+    SENT = "sent"                           # an attempt was made
+    BUSY = "busy"                           # another sender had the claim
+    GONE = "gone"                           # finished by another sender
+    NOT_DUE = "not-due"                     # --due, and its time has not come
+    QUARANTINED = "quarantined"             # unreadable, moved aside
+    ERROR = "error"                         # the spool could not be read or written
+    PLANNED = "planned"                     # --dry-run
+    WOULD_QUARANTINE = "would quarantine"   # --dry-run of an unreadable entry
+
+
 class Outcome:
     """What happened to one entry in a run.
 
-    state is "sent" (an attempt was made), "busy" (another sender had it),
-    "gone" (finished by another sender), "not-due", "quarantined" or
-    "planned" (--dry-run); results is {recipient: (status, Result or None)};
-    removed is true when the entry left the spool.
+    state is a Run; results is {recipient: (status, Result or None)} (with
+    --dry-run, (what it would do, a note)); removed is true when the entry
+    left the spool.
     """
 
     def __init__(self, queue_id, state, envelope=None, results=None, note=None, removed=False):
@@ -38,11 +51,11 @@ class Outcome:
 
     @property
     def deferred(self):
-        return any(status == DEFERRED for status, _ in self.results.values())
+        return any(status == Status.DEFERRED for status, _ in self.results.values())
 
     @property
     def failed(self):
-        return self.state in ("quarantined", "error")
+        return self.state in (Run.QUARANTINED, Run.ERROR)
 
     def __str__(self):
         if not self.results:
@@ -54,6 +67,10 @@ class Outcome:
 
 class QueueRunner:
     """Sends spool entries; one instance per run, closed at the end.
+
+    Methods that may be overridden:
+        deliver(envelope, recipients)  the delivery step: {recipient: Result};
+                        the default routes each recipient to a Delivery
 
     Class variables that may be overridden:
         envelope_class  the Envelope subclass thawed for each entry
@@ -87,6 +104,21 @@ class QueueRunner:
         if name not in self._deliveries:
             self._deliveries[name] = self.deliveries[name](self.options)
         return self._deliveries[name]
+
+    def deliver(self, envelope, recipients):
+        """The delivery step: {recipient: Result} for each of recipients.
+
+        The default groups recipients by route (self.route) and hands each
+        group to that route's Delivery.  Override to deliver some other way;
+        a recipient left out of the result is deferred.
+        """
+        groups = {}
+        for recipient in recipients:
+            groups.setdefault(self.route(recipient), []).append(recipient)
+        results = {}
+        for route, group in groups.items():
+            results.update(self.delivery(route).deliver(envelope, group))
+        return results
 
     def close(self):
         self.sync()
@@ -152,24 +184,24 @@ class QueueRunner:
         try:
             claim.acquire()
         except Busy:
-            return Outcome(queue_id, "busy", note="claimed by another sender")
+            return Outcome(queue_id, Run.BUSY, note="claimed by another sender")
         outcome = None
         try:
             try:
                 envelope = thaw()
             except FileNotFoundError:
-                outcome = Outcome(queue_id, "gone")
+                outcome = Outcome(queue_id, Run.GONE)
             except ValueError as exc:
                 spool.quarantine(queue_id, exc)
-                outcome = Outcome(queue_id, "quarantined", note=str(exc))
+                outcome = Outcome(queue_id, Run.QUARANTINED, note=str(exc))
             else:
                 outcome = self.attempt(spool, envelope)
         except OSError as exc:
             log.error("%s: %s", queue_id, exc)
-            outcome = Outcome(queue_id, "error", note=printable(exc))
+            outcome = Outcome(queue_id, Run.ERROR, note=printable(exc))
         except Exception as exc:
             log.exception("%s: internal error", queue_id)
-            outcome = Outcome(queue_id, "error", note="internal error: %s" % type(exc).__name__)
+            outcome = Outcome(queue_id, Run.ERROR, note="internal error: %s" % type(exc).__name__)
         finally:
             if outcome is not None and outcome.removed:
                 self._unsynced.append((spool, queue_id, claim))
@@ -204,12 +236,12 @@ class QueueRunner:
         """One delivery attempt of a claimed entry, recorded in the spool."""
         now = time.time() if now is None else now
         if self.due_only and envelope.due_at > now:
-            return Outcome(envelope.id, "not-due", envelope)
-        pending = envelope.recipients_in(PENDING, DEFERRED)
+            return Outcome(envelope.id, Run.NOT_DUE, envelope)
+        pending = envelope.recipients_in(Status.PENDING, Status.DEFERRED)
         results = {}
         if pending:
             try:
-                results = envelope.deliver(pending, self)
+                results = self.deliver(envelope, pending)
             except Exception:
                 log.exception("%s: delivery failed", envelope.id)
                 results = {}
@@ -219,8 +251,9 @@ class QueueRunner:
             envelope.last_attempt = now
         deferred = []
         for recipient, result in results.items():
-            envelope.status[recipient] = {"status": result.status, "error": str(result)}
-            if result.status == DEFERRED:
+            record = envelope.status[recipient]
+            record.status, record.reply = result.status, result
+            if result.status == Status.DEFERRED:
                 deferred.append(recipient)
                 envelope.last_error = str(result)
             log.debug("%s: <%s> %s: %s", envelope.id, printable(recipient), result.status,
@@ -229,12 +262,12 @@ class QueueRunner:
             days = self.options.max_queue_lifetime / 86400
             for recipient in deferred:
                 # RFC 3463: 4.4.7, delivery time expired.
-                last = envelope.status[recipient]["error"]
-                envelope.status[recipient] = {"status": FAILED, "error": "%s 4.4.7 message "
-                                              "expired after %g days in the queue; last error: %s"
-                                              % (last[:3], days, last)}
+                record = envelope.status[recipient]
+                record.status, record.reply = Status.FAILED, Result(
+                    record.reply.code, "4.4.7 message expired after %g days in the queue; "
+                    "last error: %s" % (days, record.reply))
             deferred = []
-        if envelope.sender and envelope.recipients_in(FAILED):
+        if envelope.sender and envelope.recipients_in(Status.FAILED):
             # Record the deliveries first, so a failing bounce repeats none.
             spool.write_state(envelope.id, envelope.freeze_state())
         self.bounce(spool, envelope, now)
@@ -244,9 +277,9 @@ class QueueRunner:
             if deferred:
                 envelope.next_attempt = self.next_attempt(envelope, now)
             spool.write_state(envelope.id, envelope.freeze_state())
-        outcome = {r: (envelope.status[r]["status"], results.get(r)) for r in envelope.recipients
-                   if r in results or envelope.status[r]["status"] in (BOUNCED, DROPPED)}
-        return Outcome(envelope.id, "sent", envelope, outcome, removed=envelope.finished)
+        outcome = {r: (envelope.status[r].status, results.get(r)) for r in envelope.recipients
+                   if r in results or envelope.status[r].status in (Status.BOUNCED, Status.DROPPED)}
+        return Outcome(envelope.id, Run.SENT, envelope, outcome, removed=envelope.finished)
 
     def next_attempt(self, envelope, now):
         """Exponential backoff: retry_initial doubling to retry_max, never past expiry."""
@@ -257,7 +290,7 @@ class QueueRunner:
 
     def bounce(self, spool, envelope, now):
         """Bounce the recipients that failed for good, or drop them for a <> sender."""
-        failed = envelope.recipients_in(FAILED)
+        failed = envelope.recipients_in(Status.FAILED)
         if not failed:
             return
         if not envelope.sender:
@@ -265,20 +298,16 @@ class QueueRunner:
             # notification; the failure is logged and the recipient dropped.
             for recipient in failed:
                 log.warning("%s: <%s> failed, sender is <>, not bounced: %s", envelope.id,
-                            printable(recipient), printable(envelope.status[recipient]["error"]))
-                envelope.status[recipient]["status"] = DROPPED
+                            printable(recipient), printable(envelope.status[recipient].reply))
+                envelope.status[recipient].status = Status.DROPPED
             return
-        failures = {}
-        for recipient in failed:
-            error = envelope.status[recipient]["error"] or "500 5.0.0 failed"
-            code, _, text = error.partition(" ")
-            failures[recipient] = Result(int(code) if code.isdigit() else 500, text)
+        failures = {r: envelope.status[r].reply or Result(500, "5.0.0 failed") for r in failed}
         bounce_id = spool_bounce(spool, envelope, failures, self.options.hostname, now)
         log.info("%s: bounced %s to <%s> as %s", envelope.id,
                  ",".join("<%s>" % printable(r) for r in failed), printable(envelope.sender),
                  bounce_id)
         for recipient in failed:
-            envelope.status[recipient]["status"] = BOUNCED
+            envelope.status[recipient].status = Status.BOUNCED
 
     def plan(self, spool, queue_id, now=None):
         """What sending would do, changing nothing (--dry-run)."""
@@ -286,15 +315,15 @@ class QueueRunner:
         try:
             envelope = self.envelope_class.thaw(spool.entry_path(queue_id))
         except FileNotFoundError:
-            return Outcome(queue_id, "gone")
+            return Outcome(queue_id, Run.GONE)
         except ValueError as exc:
-            return Outcome(queue_id, "would quarantine", note=str(exc))
+            return Outcome(queue_id, Run.WOULD_QUARANTINE, note=str(exc))
         if self.due_only and envelope.due_at > now:
-            return Outcome(queue_id, "not-due", envelope)
+            return Outcome(queue_id, Run.NOT_DUE, envelope)
         results = {}
-        for recipient in envelope.recipients_in(PENDING, DEFERRED):
+        for recipient in envelope.recipients_in(Status.PENDING, Status.DEFERRED):
             results[recipient] = ("would send", self.delivery(self.route(recipient)).describe())
-        for recipient in envelope.recipients_in(FAILED):
-            results[recipient] = ("would bounce", envelope.status[recipient]["error"])
-        return Outcome(queue_id, "planned", envelope, results)
+        for recipient in envelope.recipients_in(Status.FAILED):
+            results[recipient] = ("would bounce", envelope.status[recipient].reply)
+        return Outcome(queue_id, Run.PLANNED, envelope, results)
 

@@ -8,7 +8,7 @@ import urllib.request
 from conftest import free_port, need_tool, wait_for
 from smarthost import put, run_cli
 
-from netsmtp.envelope import Envelope
+from netsmtp.envelope import Envelope, Recipient, Result, Status
 from netsmtp.queue_cli import queue_main
 
 SAMPLE = re.compile(r'(netsmtp_[a-z_]+)(?:\{(\w+)="(\w+)"\})? (\S+)\Z')
@@ -35,7 +35,7 @@ def test_prometheus_counts_entries_recipients_and_age(spool, capsys):
     put(spool, recipients=["u@x.test", "v@x.test", "w@x.test"], arrival=time.time() - 600)
     queue_id = put(spool, recipients=["z@x.test"])
     envelope = Envelope.thaw(spool.entry_path(queue_id))
-    envelope.status["z@x.test"] = {"status": "deferred", "error": "451 4.7.1 later"}
+    envelope.status["z@x.test"] = Recipient("z@x.test", Status.DEFERRED, Result(451, "4.7.1 later"))
     spool.write_state(queue_id, envelope.freeze_state())
     broken = put(spool)
     spool.quarantine(broken, "test")

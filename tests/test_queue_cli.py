@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, spooled, wait_for
 from smarthost import CaptureServer, put, run_cli
 
-from netsmtp.envelope import Envelope
+from netsmtp.envelope import Envelope, Recipient, Result, Status
 from netsmtp.queue_cli import queue_main, send_main
 
 SEND = os.path.join(ROOT, "scripts", "netsmtp-send")
@@ -31,7 +31,8 @@ def test_queue_lists_entries_like_mailq(spool, capsys):
     """netsmtp-queue shows id, size, arrival, sender, each recipient's status and error, a total."""
     queue_id = put(spool, recipients=["u@x.test", "v@x.test"])
     envelope = Envelope.thaw(spool.entry_path(queue_id))
-    envelope.status["v@x.test"] = {"status": "deferred", "error": "451 4.7.1 greylisted"}
+    envelope.status["v@x.test"] = Recipient("v@x.test", Status.DEFERRED,
+                                           Result(451, "4.7.1 greylisted"))
     envelope.attempts = 1
     spool.write_state(queue_id, envelope.freeze_state())
     assert run_cli(queue_main, ["--spool", spool.path]) == 0

@@ -71,7 +71,8 @@ def test_deferral_backs_off_exponentially(spool, smarthost):
     assert send(spool, smarthost, "--retry-initial", "5m") == 75
     first = state_of(spool, queue_id)
     assert first.attempts == 1 and first.last_error == "451 4.7.1 greylisted"
-    assert first.status["u@x.test"] == {"status": "deferred", "error": "451 4.7.1 greylisted"}
+    assert first.status["u@x.test"].to_json() == {
+        "address": "u@x.test", "status": "deferred", "error": "451 4.7.1 greylisted"}
     assert started + 300 <= first.next_attempt <= time.time() + 300
     assert send(spool, smarthost) == 75
     second = state_of(spool, queue_id)
@@ -146,7 +147,7 @@ def test_mixed_outcomes_are_kept_per_recipient(spool, smarthost, pipelining):
     queue_id = put(spool, recipients=["ok@x.test", "later@x.test", "bad@x.test"])
     smarthost.rcpt_replies.update({"later@x.test": "451 4.2.0 full", "bad@x.test": "550 5.1.1 no"})
     assert send(spool, smarthost) == 75
-    status = {r: s["status"] for r, s in state_of(spool, queue_id).status.items()}
+    status = {r: s.status for r, s in state_of(spool, queue_id).status.items()}
     assert status == {"ok@x.test": "delivered", "later@x.test": "deferred", "bad@x.test": "bounced"}
     [(_, dsn)] = bounces(spool)
     assert "bad@x.test" in dsn.as_string() and "later@x.test" not in dsn.as_string()

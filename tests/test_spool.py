@@ -10,7 +10,7 @@ import time
 import pytest
 from smarthost import CaptureServer, put, run_cli
 
-from netsmtp.envelope import Envelope
+from netsmtp.envelope import Envelope, Recipient, Result, Status
 from netsmtp.queue_cli import send_main
 from netsmtp.runner import QueueRunner
 from netsmtp.spool import Busy, resolve
@@ -54,12 +54,13 @@ def test_state_round_trips_through_thaw(spool):
     queue_id = put(spool, recipients=["a@x.test", "b@x.test"])
     before = open(spool.entry_path(queue_id), "rb").read()
     envelope = Envelope.thaw(spool.entry_path(queue_id))
-    envelope.status["a@x.test"] = {"status": "deferred", "error": "451 4.3.0 later"}
+    envelope.status["a@x.test"] = Recipient("a@x.test", Status.DEFERRED, Result(451, "4.3.0 later"))
     envelope.attempts, envelope.next_attempt = 2, 1234.5
     spool.write_state(queue_id, envelope.freeze_state())
     again = Envelope.thaw(spool.entry_path(queue_id))
-    assert again.status["a@x.test"] == {"status": "deferred", "error": "451 4.3.0 later"}
-    assert again.status["b@x.test"]["status"] == "pending"
+    assert again.status["a@x.test"] == Recipient("a@x.test", Status.DEFERRED,
+                                                 Result(451, "4.3.0 later"))
+    assert again.status["b@x.test"].status == "pending"
     assert (again.attempts, again.due_at) == (2, 1234.5)
     assert open(spool.entry_path(queue_id), "rb").read() == before
     assert os.listdir(spool.tmp) == []
@@ -156,15 +157,14 @@ def make_quiet_options(spool, **values):
     return Options(spool=spool.path, hostname="mx.test", **values)
 
 
-class Recording(Envelope):
+class Recording(QueueRunner):
     """A custom delivery step: record instead of sending."""
 
     delivered = []
 
-    def deliver(self, recipients, runner):
-        from netsmtp.delivery import Result
-        with self.open() as message:
-            Recording.delivered.append((self.id, recipients, message.read()))
+    def deliver(self, envelope, recipients):
+        with envelope.open() as message:
+            Recording.delivered.append((envelope.id, recipients, message.read()))
         return {r: Result(250, "2.0.0 recorded") for r in recipients}
 
 
@@ -181,14 +181,30 @@ def test_thawed_envelope_sends_itself(spool):
     assert spool.queue_ids() == []
 
 
-def test_subclass_overrides_the_delivery_step(spool):
-    """An Envelope subclass's deliver() replaces the delivery; the spool bookkeeping stays."""
+def test_runner_subclass_overrides_the_delivery_step(spool):
+    """QueueRunner.deliver() is the one delivery hook; the spool bookkeeping stays."""
     queue_id = put(spool, recipients=["u@x.test", "v@x.test"])
     Recording.delivered.clear()
-    outcome = Recording.thaw(spool.entry_path(queue_id)).send()
+    with Recording(make_quiet_options(spool)) as runner:
+        outcome = Envelope.thaw(spool.entry_path(queue_id)).send(runner)
     assert Recording.delivered == [(queue_id, ["u@x.test", "v@x.test"],
                                     b"Received: from c.test\r\nSubject: hi\r\n\r\nhello\r\n")]
     assert outcome.state == "sent" and spool.queue_ids() == []
+
+
+def test_typed_records_keep_the_json_of_the_spool(spool):
+    """A recipient's record is a dataclass with an enum status; ID.state is the same JSON."""
+    queue_id = put(spool, recipients=["u@x.test"])
+    envelope = Envelope.thaw(spool.entry_path(queue_id))
+    record = envelope.status["u@x.test"]
+    assert record == Recipient("u@x.test") and record.status is Status.PENDING
+    record.status, record.reply = Status.DEFERRED, Result(451, "4.7.1 later")
+    spool.write_state(queue_id, envelope.freeze_state())
+    data = json.loads(open(spool.state_path(queue_id), "rb").read())
+    assert data["recipients"] == [{"address": "u@x.test", "status": "deferred",
+                                   "error": "451 4.7.1 later"}]
+    again = Envelope.thaw(spool.entry_path(queue_id)).status["u@x.test"]
+    assert again.reply == Result(451, "4.7.1 later") and again.reply.status is Status.DEFERRED
 
 
 def test_state_file_is_plain_json(spool):
@@ -201,15 +217,11 @@ def test_state_file_is_plain_json(spool):
 
 def test_group_commit_holds_claims_until_the_directory_fsync(spool):
     """A removed entry stays claimed until sync() has made its removal durable."""
-    from netsmtp.delivery import Result
-
-    class Instant(Envelope):
-        def deliver(self, recipients, runner):
-            return {r: Result(250, "2.0.0 ok") for r in recipients}
-
     class Runner(QueueRunner):
-        envelope_class = Instant
         remove_batch = 32
+
+        def deliver(self, envelope, recipients):
+            return {r: Result(250, "2.0.0 ok") for r in recipients}
 
     queue_id = put(spool)
     runner = Runner(make_quiet_options(spool))
