@@ -92,6 +92,26 @@ def parse_hostport(value):
     return host.strip("[]"), int(port)
 
 
+class UnixPath(str):
+    """The path of a Unix socket, given as "unix:PATH"."""
+
+    def __repr__(self):
+        return "unix:%s" % str.__str__(self)
+
+
+def parse_endpoint(value):
+    """"HOST:PORT" -> (host, port) as parse_hostport; "unix:PATH" -> UnixPath(PATH)."""
+    if isinstance(value, UnixPath):
+        return value
+    text = str(value)
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path or "\0" in path:
+            raise ValueError("expected unix:PATH, got %r" % value)
+        return UnixPath(path)
+    return parse_hostport(text)
+
+
 def parse_str(value):
     return str(value)
 
@@ -237,6 +257,8 @@ SPEC = {opt.name: opt for opt in (
     Option("maildir_root", None, parse_str,
            "deliver the local domains to MAILDIR_ROOT/<localpart>/ (the daemon checks at "
            "RCPT that the mailbox exists)", (DAEMON, SEND)),
+    Option("lmtp_host", None, parse_endpoint,
+           "where the lmtp route delivers (RFC 2033), HOST:PORT or unix:PATH", (SEND,)),
     Option("routes", None, parse_routes,
            "delivery per recipient domain, DOMAIN=ROUTE,... and *=ROUTE for the rest "
            "(default: local domains to maildir when --maildir-root is set, * to smarthost)",

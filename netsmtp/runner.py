@@ -15,6 +15,7 @@ import time
 from .bounce import spool_bounce
 from .delivery import Routes
 from .envelope import Envelope, Result, Status
+from .lmtp import LMTPDelivery
 from .maildir import MaildirDelivery
 from .replies import printable
 from .smarthost import SmarthostDelivery
@@ -84,7 +85,8 @@ class QueueRunner:
     """
 
     envelope_class = Envelope
-    deliveries = {"smarthost": SmarthostDelivery, "maildir": MaildirDelivery}
+    deliveries = {"smarthost": SmarthostDelivery, "maildir": MaildirDelivery,
+                  "lmtp": LMTPDelivery}
     remove_batch = 1
 
     def __init__(self, options, due_only=False, dry_run=False):
