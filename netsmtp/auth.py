@@ -13,7 +13,7 @@ import hmac
 import logging
 import os
 
-log = logging.getLogger("netsmtp.auth")
+log = logging.getLogger(__name__)
 
 SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P = 14, 8, 1  # 16 MiB, about 50 ms (RFC 7914)
 SALT_SIZE = 16

@@ -11,7 +11,7 @@ from .options import DAEMON, SPEC, OptionError, Options, load_toml, options_of, 
 EX_USAGE = 2
 EX_TEMPFAIL = 75
 
-log = logging.getLogger("netsmtp")
+log = logging.getLogger(__name__)
 
 
 class Parser(argparse.ArgumentParser):

@@ -7,7 +7,7 @@ Delivery by recipient domain; netsmtp.smarthost.SmarthostDelivery forwards with
 smtplib, netsmtp.maildir.MaildirDelivery writes to local mailboxes.
 
 Plug in your own delivery by subclassing Delivery and naming it in the
-runner's table of deliveries:
+queue runner's table of deliveries:
 
     class Archive(Delivery):
         def deliver(self, envelope, recipients):
@@ -18,7 +18,7 @@ runner's table of deliveries:
     class Runner(QueueRunner):
         deliveries = {**QueueRunner.deliveries, "archive": Archive}
 
-    raise SystemExit(netsmtp.cli.send_main(runner_class=Runner))
+    raise SystemExit(netsmtp.queue_cli.send_main(runner_class=Runner))
 
 with `routes = {"archive.example" = "archive", "*" = "smarthost"}` in the
 config file.

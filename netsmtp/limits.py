@@ -1,7 +1,7 @@
 """Admission control: refuse a connection before a session is spent on it.
 
-A runner asks admit(peer) when a connection arrives: None lets it in, a
-reason refuses it, and the runner then sends refusal(options, reason) (421
+A server asks admit(peer) when a connection arrives: None lets it in, a
+reason refuses it, and the server then sends refusal(options, reason) (421
 4.7.0) and closes.  Every admitted connection is given back with
 release(peer) when its session ends.  Four limits, each off when unset:
 
@@ -10,9 +10,9 @@ release(peer) when its session ends.  Four limits, each off when unset:
   max_sessions_per_client  concurrent sessions per client address
   max_sessions             concurrent sessions in total
 
-Limits keeps its counts in memory for a runner that sees every connection
-in one process (the forking daemon's parent).  SharedLimits keeps them in a
-JSON file under a filelock, for runners whose sessions run in separate
+Limits keeps its counts in memory for a server that sees every connection
+in one process (the forking server's parent).  SharedLimits keeps them in a
+JSON file under a filelock, for servers whose sessions run in separate
 processes that share nothing else (inetd's processes, prefork workers); a
 session there is its process id, and the entries of dead processes expire.
 FailureLog counts failed AUTH attempts per client in the same way.
@@ -29,7 +29,7 @@ import time
 from .address import in_networks, ip_of
 from .replies import format_reply
 
-log = logging.getLogger("netsmtp.limits")
+log = logging.getLogger(__name__)
 
 MAX_TRACKED = 100_000  # rate entries kept at most; the oldest go first
 LOCK_TIMEOUT = 5.0  # seconds; past it a session is let in rather than hung
@@ -57,7 +57,7 @@ def refusal(options, reason):
 
 
 def refuse_connection(sock, options, reason):
-    """Send the 421 on a fresh connection without ever blocking the runner.
+    """Send the 421 on a fresh connection without ever blocking the server.
 
     Nothing is sent with implicit TLS: the client expects a handshake.
     """

@@ -30,6 +30,9 @@ class Policy:
     --stdin with no address in its environment) may relay only when
     options.relay_networks holds the word "local".
 
+    Policy cannot run alone: its hooks read the session's options, peer and
+    auth_user, which Session sets.
+
     Class variables that may be overridden (the bounds of the message checks):
         max_header_fields      header fields in one message
         max_header_field_size  octets of one field, its folded lines joined

@@ -21,7 +21,7 @@ from .replies import printable
 from .smarthost import SmarthostDelivery
 from .spool import Busy, Spool
 
-log = logging.getLogger("netsmtp.runner")
+log = logging.getLogger(__name__)
 
 
 class Run(enum.StrEnum):

@@ -13,7 +13,7 @@ from .spool import Spool, new_queue_id
 from .states import IDLE, PREDECESSORS, UNIMPLEMENTED, State
 from .wire import ChunkedText, DataProblem, LineReader, LineTooLong, MessageSink
 
-log = logging.getLogger("netsmtp")
+log = logging.getLogger(__name__)
 
 # RFC 5321 section 4.5.3.1.4: 512 octets for a command line with its CRLF.
 # MAIL may grow by each extension's parameters (RFC 1870 section 3: SIZE

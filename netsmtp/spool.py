@@ -20,7 +20,7 @@ import os
 import re
 import time
 
-log = logging.getLogger("netsmtp.spool")
+log = logging.getLogger(__name__)
 
 MESSAGE_SUFFIX = ".msg"
 STATE_SUFFIX = ".state"

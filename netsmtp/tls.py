@@ -11,7 +11,7 @@ import logging
 import os
 import ssl
 
-log = logging.getLogger("netsmtp.tls")
+log = logging.getLogger(__name__)
 
 _loaded = {}  # (cert, key) -> ((cert mtime, key mtime), SSLContext)
 

@@ -3,7 +3,7 @@
 A Session works over any binary reader and writer; a transport adds the two
 things only a real connection can do: wait for input with a deadline (the
 greeting pause that catches early talkers) and switch to TLS (RFC 3207).
-Runners pass one as Session(..., transport=...); BytesIO tests pass none, so
+Servers pass one as Session(..., transport=...); BytesIO tests pass none, so
 their sessions neither pause nor offer STARTTLS.
 """
 

@@ -196,7 +196,7 @@ def server_factory(tmp_path):
 
 @pytest.fixture
 def server(server_factory):
-    """A forking netsmtp server on a free port; .port, .spool, .stop()."""
+    """A netsmtp daemon (the default, prefork server) on a free port; .port, .spool, .stop()."""
     return server_factory()
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT, make_options, replies_of, spooled, wait_for
 from netsmtp.limits import Limits, SharedLimits, client_key
 from netsmtp.session import Session
 
-RUNNERS = {"fork": ["--workers", "0"], "prefork": ["--workers", "2"]}
+SERVERS = {"fork": ["--workers", "0"], "prefork": ["--workers", "2"]}
 HELLO = [b"EHLO client.test"]
 TRANSACTION = [b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@mx.test>", b"DATA"]
 
@@ -95,11 +95,11 @@ def test_shared_limits_forget_dead_processes(tmp_path):
     assert SharedLimits(options).admit("192.0.2.1") is None
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
-def test_velocity_limit_refuses_a_burst(server_factory, runner):
+@pytest.mark.parametrize("kind", SERVERS)
+def test_velocity_limit_refuses_a_burst(server_factory, kind):
     """--conn-rate-limit 3/60: a burst of 6 connections from one address gets three
     greetings and three 421 4.7.0 refusals."""
-    server = server_factory("--conn-rate-limit", "3/60", *RUNNERS[runner])
+    server = server_factory("--conn-rate-limit", "3/60", *SERVERS[kind])
     socks, codes = greetings(server.port, 6)
     for sock in socks:
         sock.close()
@@ -117,12 +117,12 @@ def test_total_rate_limit(server_factory):
         sock.close()
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
-def test_concurrent_sessions_per_client(server_factory, runner):
+@pytest.mark.parametrize("kind", SERVERS)
+def test_concurrent_sessions_per_client(server_factory, kind):
     """--max-sessions-per-client 2: a third open session is refused, and once one
     closes a new one is let in (the loopback is no relay network here: those are exempt)."""
     server = server_factory("--max-sessions-per-client", "2", "--relay-networks", "none",
-                            *RUNNERS[runner])
+                            *SERVERS[kind])
     socks, codes = greetings(server.port, 3)
     assert codes == [b"220", b"220", b"421"]
     socks[0].sendall(b"QUIT\r\n")

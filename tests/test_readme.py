@@ -66,3 +66,13 @@ def test_every_option_is_documented():
     """Each flag of the options table appears in the README."""
     missing = [opt.flag for opt in SPEC.values() if "`%s" % opt.flag not in README]
     assert missing == []
+
+
+def test_reading_guide_names_every_module():
+    """The "Reading the code" table names each module of netsmtp/ that exists, and only those."""
+    section = README.split("## Reading the code", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    named = {name for line in table for name in re.findall(r"`(\w+)\.py`", line.split(" | ")[0])}
+    modules = {name[:-3] for name in os.listdir(os.path.join(ROOT, "netsmtp"))
+               if name.endswith(".py") and not name.startswith("__")}
+    assert named == modules

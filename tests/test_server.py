@@ -1,6 +1,6 @@
 """The daemon against real clients: smtplib, swaks and raw sockets on port 0.
 
-Client-facing behaviour is checked under both runners (the ForkingTCPServer,
+Client-facing behaviour is checked under both servers (the ForkingTCPServer,
 --workers 0, and the prefork pool); the SIGTERM tests pin the forking
 server's (tests/test_prefork.py has the pool's).
 """
@@ -51,22 +51,22 @@ def entries(path):
             for name in spooled(spool)]
 
 
-RUNNERS = {"forking": ["--workers", "0"], "prefork": ["--workers", "2"]}
+SERVERS = {"forking": ["--workers", "0"], "prefork": ["--workers", "2"]}
 
 
-@pytest.fixture(params=RUNNERS.values(), ids=RUNNERS.keys())
-def runner(request):
+@pytest.fixture(params=SERVERS.values(), ids=SERVERS.keys())
+def server_flags(request):
     return request.param
 
 
 @pytest.fixture
-def server(server_factory, runner):
-    return server_factory(*runner)
+def server(server_factory, server_flags):
+    return server_factory(*server_flags)
 
 
 @pytest.fixture
 def forking(server_factory):
-    return server_factory(*RUNNERS["forking"])
+    return server_factory(*SERVERS["forking"])
 
 
 def test_smtplib_message_is_spooled_with_the_client_address(server):
@@ -84,9 +84,9 @@ def test_smtplib_message_is_spooled_with_the_client_address(server):
     assert "queued id=%s from=<a@client.test>" % envelope.id in server.output()
 
 
-def test_smtplib_sees_relay_refusal_and_size_limit(server_factory, runner):
+def test_smtplib_sees_relay_refusal_and_size_limit(server_factory, server_flags):
     """Refusals reach smtplib as its exceptions, with the table's codes."""
-    server = server_factory("--max-size", "100", "--relay-networks", "none", *runner)
+    server = server_factory("--max-size", "100", "--relay-networks", "none", *server_flags)
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
             client.sendmail("a@client.test", ["x@elsewhere.test"], b"x\r\n")
@@ -110,9 +110,9 @@ def test_pipelined_commands_in_one_packet(server):
     client.close()
 
 
-def test_concurrent_sessions(server_factory, runner):
+def test_concurrent_sessions(server_factory, server_flags):
     """Twenty clients at once are all served (children forked and reaped)."""
-    server = server_factory("--max-sessions", "30", *runner)
+    server = server_factory("--max-sessions", "30", *server_flags)
     errors = []
 
     def send(i):
@@ -131,9 +131,9 @@ def test_concurrent_sessions(server_factory, runner):
     wait_for(lambda: not children(server.proc.pid, state="Z"), what="children to be reaped")
 
 
-def test_idle_timeout(server_factory, runner):
+def test_idle_timeout(server_factory, server_flags):
     """A silent client gets 421 4.4.2 after --timeout seconds."""
-    server = server_factory("--timeout", "0.5", *runner)
+    server = server_factory("--timeout", "0.5", *server_flags)
     client = Client(server.port)
     assert client.reply()[0] == 220
     started = time.monotonic()

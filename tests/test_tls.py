@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, client_context, need_tool, replies_of, spooled
 from netsmtp.spool import Spool
 
-RUNNERS = {"fork": ["--workers", "0"], "prefork": ["--workers", "1"]}
+SERVERS = {"fork": ["--workers", "0"], "prefork": ["--workers", "1"]}
 
 
 def tls_server(server_factory, tls_files, *args):
@@ -42,11 +42,11 @@ def message_of(server):
         return f.read()
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
-def test_starttls_with_smtplib(server_factory, tls_files, runner):
+@pytest.mark.parametrize("kind", SERVERS)
+def test_starttls_with_smtplib(server_factory, tls_files, kind):
     """STARTTLS is offered before TLS only; after it the client says EHLO again and
     the Received header says ESMTPS with the protocol and cipher."""
-    server = tls_server(server_factory, tls_files, *RUNNERS[runner])
+    server = tls_server(server_factory, tls_files, *SERVERS[kind])
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
         client.ehlo("client.test")
         assert client.has_extn("starttls")
