@@ -237,9 +237,9 @@ def test_soft_failure_after_the_dot_defers_each_recipient(spool, lmtp_sink):
     queue_id = put(spool, recipients=["a@local.test", "b@local.test"])
     assert send(spool, "--lmtp-host", "unix:" + sock) == 75
     state = state_of(spool, queue_id)
-    assert [state.status[r]["status"] for r in ("a@local.test", "b@local.test")] == [
+    assert [state.status[r].to_json()["status"] for r in ("a@local.test", "b@local.test")] == [
         "deferred", "deferred"]
-    assert state.status["a@local.test"]["error"].startswith("450 4.3.0")
+    assert state.status["a@local.test"].to_json()["error"].startswith("450 4.3.0")
     assert bounces(spool) == []
 
 
@@ -256,7 +256,8 @@ def test_unreachable_lmtp_defers(spool, tmp_path):
     """No server on the socket: deferred with 451 4.4.1, exit 75, the entry kept."""
     queue_id = put(spool, recipients=["a@local.test"])
     assert send(spool, "--lmtp-host", "unix:%s" % (tmp_path / "none.sock")) == 75
-    assert state_of(spool, queue_id).status["a@local.test"]["error"].startswith("451 4.4.1")
+    error = state_of(spool, queue_id).status["a@local.test"].to_json()["error"]
+    assert error.startswith("451 4.4.1")
 
 
 def test_lmtp_host_from_toml_over_tcp(spool, tmp_path):
