@@ -136,7 +136,7 @@ def main(argv=None):
         return check_recipient(options, args.check_recipient)
 
     from .spool import Spool
-    spool = Spool(options.spool)
+    spool = Spool(options.spool, fsync_directory=options.spool_fsync_directory)
     try:
         spool.prepare()
     except OSError as exc:

@@ -1,7 +1,8 @@
 """The envelope: who sent a message to whom, how, and when.
 
 The session builds one per transaction; the spool freezes it as one line of
-JSON in front of the raw message, and Envelope.thaw() gives it back as a live
+JSON in front of the raw message (after the entry's commit line, see
+netsmtp.spool), and Envelope.thaw() gives it back as a live
 object whose send() delivers it.  Delivery state (each recipient's status,
 attempts, next attempt, last error) lives in ID.state beside it, so the
 message file is written once.  JSON only: thawing a spool file can never
@@ -14,7 +15,11 @@ import json
 import os
 from collections import namedtuple
 
-SCHEMA_VERSION = 1
+from .spool import check_entry
+
+# 1: the entry is renamed into place whole; 2: it has a commit line
+# (netsmtp.spool).  Every older version stays readable.
+SCHEMA_VERSION = 2
 # An envelope line is bounded by the session's limits (recipients, address
 # lengths); anything longer is not ours.
 MAX_ENVELOPE_LINE = 1 << 20
@@ -164,14 +169,17 @@ class Envelope:
     def thaw(cls, path):
         """The envelope of the spool entry at path (ID.msg), state included.
 
-        ValueError (with the reason) if the entry cannot be parsed; OSError
-        if it cannot be read.
+        netsmtp.spool.Incomplete if the entry was never committed (not mail);
+        ValueError (with the reason) if it cannot be parsed or was damaged;
+        OSError if it cannot be read.
         """
         with open(path, "rb") as f:
+            start = check_entry(f)
+            f.seek(start)
             line = f.readline(MAX_ENVELOPE_LINE)
             if not line.endswith(b"\n"):
                 raise ValueError("no envelope line")
-            size = os.fstat(f.fileno()).st_size - len(line)
+            size = os.fstat(f.fileno()).st_size - start - len(line)
         try:
             envelope = cls.from_json(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -184,7 +192,7 @@ class Envelope:
         if not all(isinstance(r, str) for r in envelope.recipients) or \
                 not isinstance(envelope.sender, str) or not isinstance(envelope.params, dict):
             raise ValueError("bad sender, recipients or parameters")
-        envelope.path, envelope.offset, envelope.size = os.fspath(path), len(line), size
+        envelope.path, envelope.offset, envelope.size = os.fspath(path), start + len(line), size
         envelope.load_state()
         return envelope
 

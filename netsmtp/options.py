@@ -186,6 +186,10 @@ SPEC = {opt.name: opt for opt in (
     Option("stdin", False, parse_bool,
            "serve one session on stdin/stdout (inetd, xinetd, systemd Accept=yes)"),
     Option("spool", "spool", parse_str, "spool directory", (DAEMON, QUEUE)),
+    Option("spool_fsync_directory", False, parse_bool,
+           "also fsync the spool directory before each 250, for filesystems where a "
+           "file's fsync does not make its name durable (ext2, ext4 without a journal, "
+           "some network filesystems)"),
     Option("hostname", None, parse_str,
            "name in the greeting and Received headers (default: the FQDN)", (DAEMON, SEND)),
     Option("local_domains", None, parse_domains,
@@ -232,7 +236,9 @@ SPEC = {opt.name: opt for opt in (
     Option("max_messages", 1000, parse_int, "most messages per session (0: no limit)"),
     Option("max_session_recipients", 1000, parse_int,
            "most recipients per session (0: no limit)"),
-    Option("session_timeout", 3600.0, parse_seconds, "longest a session may last, seconds"),
+    Option("session_timeout", 3600.0, parse_seconds,
+           "longest a session may last, seconds; netsmtp-send removes an entry never "
+           "committed once it is older", (DAEMON, SEND)),
     Option("greet_pause", 0.0, parse_delay,
            "seconds to wait before the greeting; earlier talkers get 554 (0: off)"),
     Option("helo_verify", False, parse_bool,

@@ -19,7 +19,7 @@ from .lmtp import LMTPDelivery
 from .maildir import MaildirDelivery
 from .replies import printable
 from .smarthost import SmarthostDelivery
-from .spool import Busy, Spool
+from .spool import Busy, Incomplete, Spool
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class Run(enum.StrEnum):
     ERROR = "error"                         # the spool could not be read or written
     PLANNED = "planned"                     # --dry-run
     WOULD_QUARANTINE = "would quarantine"   # --dry-run of an unreadable entry
+    INCOMPLETE = "incomplete"               # never committed, young: skipped
+    REMOVED = "removed"                     # never committed, older than session_timeout
+    WOULD_REMOVE = "would remove"           # --dry-run of such an entry
 
 
 class Outcome:
@@ -152,8 +155,8 @@ class QueueRunner:
         for spool, queue_id in entries:
             try:
                 envelope = self.envelope_class.thaw(spool.entry_path(queue_id))
-            except (OSError, ValueError):
-                due.append((0, spool, queue_id))  # gone, or quarantined when sent
+            except (OSError, ValueError, Incomplete):
+                due.append((0, spool, queue_id))  # gone, quarantined or removed when sent
                 continue
             if envelope.due_at <= now:
                 due.append((envelope.arrival or 0, spool, queue_id))
@@ -193,6 +196,8 @@ class QueueRunner:
                 envelope = thaw()
             except FileNotFoundError:
                 outcome = Outcome(queue_id, Run.GONE)
+            except Incomplete as exc:
+                outcome = self.incomplete(spool, queue_id, exc)
             except ValueError as exc:
                 spool.quarantine(queue_id, exc)
                 outcome = Outcome(queue_id, Run.QUARANTINED, note=str(exc))
@@ -212,6 +217,20 @@ class QueueRunner:
             else:
                 claim.release()
         return outcome
+
+    def incomplete(self, spool, queue_id, exc, now=None):
+        """An entry never committed: skipped while its writer may live, removed after.
+
+        No session outlives options.session_timeout, so an older one is the
+        debris of a crash before its 250: never mail, even if it looks whole.
+        """
+        age = exc.age(now)
+        if age < self.options.session_timeout:
+            return Outcome(queue_id, Run.INCOMPLETE, note="not committed, %d seconds old; "
+                           "skipped" % age)
+        reason = "an entry never committed, %d seconds old" % age
+        spool.remove_incomplete(queue_id, reason)
+        return Outcome(queue_id, Run.REMOVED, note=reason)
 
     def sync(self):
         """Make the removals so far durable (one fsync per spool), then release their claims.
@@ -318,6 +337,11 @@ class QueueRunner:
             envelope = self.envelope_class.thaw(spool.entry_path(queue_id))
         except FileNotFoundError:
             return Outcome(queue_id, Run.GONE)
+        except Incomplete as exc:
+            if exc.age(now) < self.options.session_timeout:
+                return Outcome(queue_id, Run.INCOMPLETE, note="not committed; skipped")
+            return Outcome(queue_id, Run.WOULD_REMOVE, note="never committed, %d seconds old"
+                           % exc.age(now))
         except ValueError as exc:
             return Outcome(queue_id, Run.WOULD_QUARANTINE, note=str(exc))
         if self.due_only and envelope.due_at > now:

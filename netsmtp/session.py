@@ -85,7 +85,8 @@ class Session(Policy):
         self.options = options if options is not None else Options(**settings)
         self.wfile = wfile
         self.peer = peer
-        self.spool = spool if spool is not None else Spool(self.options.spool)
+        self.spool = spool if spool is not None else Spool(
+            self.options.spool, fsync_directory=self.options.spool_fsync_directory)
         self.transport = transport
         self.reader = LineReader(rfile, self.before_read)
         self.session_deadline = None

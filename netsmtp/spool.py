@@ -1,24 +1,49 @@
-"""The spool directory: durable, atomic entries named by queue id.
+"""The spool directory: entries named by queue id, one journal commit each.
 
-    spool/ID.msg        the envelope as one line of JSON, then the raw message
-                        exactly as received (Received header first); never
-                        changed once it exists
+    spool/ID.msg        a commit line, the envelope as one line of JSON, then
+                        the raw message exactly as received (Received header
+                        first); never changed once committed
     spool/ID.state      delivery state (JSON), written after a first attempt
                         that did not finish the message
-    spool/tmp/          writes in progress; debris of crashes, never sent
+    spool/tmp/          state writes in progress; debris of crashes
     spool/locks/ID.lock the claim of a netsmtp-send working on ID
     spool/quarantine/   entries that could not be parsed, kept for a human
 
-ID.msg is written under tmp/, fsync'd, renamed into the spool and the
-directory fsync'd before the session answers 250 (one file fsync plus one
-directory fsync per message), so a crash leaves either a whole entry or
-debris in tmp/ that is never sent.
+Writing an entry (SpoolWriter), as Postfix's cleanup writes a queue file:
+ID.msg is created under its final name, its 64-octet first line saying
+"incomplete"; the envelope and the message follow; that line is then
+overwritten with the length and CRC-32 of the rest (the commit line), and
+the file is fsync'd once.  Only then does the session answer 250.
+
+No rename and no directory fsync: on Linux's journaling filesystems the
+fsync of a newly created file also makes its name durable.  Creating the
+file is a metadata change journalled together with the new inode: ext4's
+fsync commits the jbd2 transaction holding the inode's last change, and
+jbd2 commits whole transactions, so the directory entry (made in the same
+or an earlier one) goes with it; XFS logs the inode and the directory
+block in one create transaction and fsync forces the log past it; btrfs's
+fsync of a new inode logs its name in the parent (its log tree).  Where
+this does not hold (ext2, ext4 without a journal, some network
+filesystems), --spool-fsync-directory adds the directory fsync.
+
+A crash before the fsync may leave the name with any prefix of the data,
+or with blocks missing, so an entry proves it is complete by its content:
+check_entry() (every reader calls it, through Envelope.thaw) raises
+Incomplete unless the commit line is there and the file is as long as it
+says, and ValueError when a committed entry no longer matches its
+checksum.  An incomplete entry is never sent, listed or bounced, even when
+the cut happens to leave the message whole: netsmtp-send skips it while
+younger than --session-timeout (no session lasts longer, so its writer may
+still be at work) and removes it, with a log line, once older.  Entries of
+schema version 1 (renamed into place whole, so they have no commit line)
+are read as before.
 """
 
 import logging
 import os
 import re
 import time
+import zlib
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +56,71 @@ TMP, LOCKS, QUARANTINE = "tmp", "locks", "quarantine"
 # Older debris in tmp/ is from a crash: no session takes an hour, as each
 # read times out (RFC 5321 section 4.5.3.2) and the size is capped.
 STALE_DEBRIS = 3600.0
+# The commit line: 64 octets, first in every entry of schema version 2 on.
+# It is written as INCOMPLETE when the entry is created and overwritten with
+# COMMITTED (the octets after it and their CRC-32) just before the fsync.
+COMMIT_LINE_SIZE = 64
+COMMIT_MAGIC = b"netsmtp entry "
+INCOMPLETE = (COMMIT_MAGIC + b"incomplete").ljust(COMMIT_LINE_SIZE - 1) + b"\n"
+COMMITTED = COMMIT_MAGIC + b"complete size=%020d crc32=%08x\n"
+COMMITTED_LINE = re.compile(re.escape(COMMIT_MAGIC) + rb"complete size=(\d{20}) crc32=([0-9a-f]{8})\n")
+assert len(INCOMPLETE) == len(COMMITTED % (0, 0)) == COMMIT_LINE_SIZE
 ENTRY_NAME = re.compile(r"([0-9a-f]{24})(\.msg|\.state)\Z")
 LOCK_NAME = re.compile(r"([0-9a-f]{24})\.lock\Z")  # others' files in locks/ are left alone
 
 
 class Busy(Exception):
     """Another process has claimed this entry."""
+
+
+class Incomplete(Exception):
+    """An entry whose writer has not committed it: a write in progress or crash debris.
+
+    Not mail (no 250 was given for it), so it is never sent, listed or
+    bounced; mtime is its file's modification time.
+    """
+
+    def __init__(self, path, mtime):
+        super().__init__("%s: entry not committed" % path)
+        self.path, self.mtime = path, mtime
+
+    def age(self, now=None):
+        return (time.time() if now is None else now) - self.mtime
+
+
+def check_entry(f):
+    """Prove that the entry open as f is whole; returns where its envelope line starts.
+
+    Reads the whole file to verify the checksum.  Raises Incomplete for an
+    entry that was never committed (no commit line, or shorter than it
+    says), ValueError for a committed one that is damaged.  An entry of
+    schema version 1 has no commit line (its envelope starts at once).
+    """
+    head = f.read(COMMIT_LINE_SIZE)
+    prefix = head[:len(COMMIT_MAGIC)]
+    if not COMMIT_MAGIC.startswith(prefix) and prefix.strip(b"\0"):
+        return 0  # schema version 1, or not an entry at all: the envelope parser says which
+    stat = os.fstat(f.fileno())
+    match = COMMITTED_LINE.fullmatch(head)
+    if match is None:
+        if len(head) < COMMIT_LINE_SIZE or head == INCOMPLETE or not head.strip(b"\0"):
+            raise Incomplete(f.name, stat.st_mtime)
+        raise ValueError("damaged commit line")
+    size, crc = int(match.group(1)), int(match.group(2), 16)
+    if stat.st_size < COMMIT_LINE_SIZE + size:
+        raise Incomplete(f.name, stat.st_mtime)
+    if stat.st_size > COMMIT_LINE_SIZE + size:
+        raise ValueError("entry is %d octets longer than its commit line says"
+                         % (stat.st_size - COMMIT_LINE_SIZE - size))
+    actual = 0
+    while True:
+        chunk = f.read(WRITE_BUFFER)
+        if not chunk:
+            break
+        actual = zlib.crc32(chunk, actual)
+    if actual != crc:
+        raise ValueError("checksum mismatch: the entry changed after it was committed")
+    return COMMIT_LINE_SIZE
 
 
 def new_queue_id():
@@ -56,10 +140,16 @@ def fsync_directory(path):
 
 
 class Spool:
-    """A spool directory: tmp/ for writes in progress, entries at the top."""
+    """A spool directory: entries at the top, tmp/ for state writes in progress.
 
-    def __init__(self, path):
+    fsync_directory (--spool-fsync-directory) adds a directory fsync to
+    each commit, for filesystems where a file's fsync does not make its
+    name durable.
+    """
+
+    def __init__(self, path, fsync_directory=False):
         self.path = os.fspath(path)
+        self.fsync_directory = fsync_directory
         self.tmp = os.path.join(self.path, TMP)
         self.locks = os.path.join(self.path, LOCKS)
         self.quarantine_dir = os.path.join(self.path, QUARANTINE)
@@ -72,7 +162,7 @@ class Spool:
         """
         for folder in (self.tmp, self.locks):
             os.makedirs(folder, mode=0o700, exist_ok=True)
-        probe = os.path.join(self.tmp, ".probe-%d" % os.getpid())
+        probe = os.path.join(self.path, ".probe-%d" % os.getpid())
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.close(fd)
         os.unlink(probe)
@@ -103,14 +193,17 @@ class Spool:
                       if name.endswith(MESSAGE_SUFFIX) and ENTRY_NAME.match(name))
 
     def envelopes(self, envelope_class=None):
-        """Thaw every entry, oldest first: yields (id, envelope or ValueError)."""
+        """Thaw every entry, oldest first: yields (id, envelope or ValueError).
+
+        Entries not committed yet (Incomplete) are not mail: left out.
+        """
         if envelope_class is None:
             from .envelope import Envelope as envelope_class
         for queue_id in self.queue_ids():
             try:
                 yield queue_id, envelope_class.thaw(self.entry_path(queue_id))
-            except FileNotFoundError:
-                continue  # sent while we were listing
+            except (FileNotFoundError, Incomplete):
+                continue  # sent while we were listing, or not committed
             except ValueError as exc:
                 yield queue_id, exc
 
@@ -133,6 +226,16 @@ class Spool:
             os.close(fd)
         os.rename(tmp_path, self.state_path(queue_id))
         fsync_directory(self.path)
+
+    def remove_incomplete(self, queue_id, reason):
+        """Remove an entry that was never committed, with a log line (crash debris)."""
+        path = self.entry_path(queue_id)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        log.warning("removed %s: %s", path, reason)
+        return True
 
     def unlink_message(self, queue_id):
         """First half of removing a finished entry: the message goes, not yet durably.
@@ -306,40 +409,70 @@ def resolve(paths):
     return entries, problems, list(spools.values())
 
 
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class SpoolWriter:
     """One entry being written: write() the message, commit(), then close().
 
-    close() throws the entry away unless commit() finished, so a writer
-    closed on any error path leaves nothing behind.
+    The entry exists under its final name from the start, marked
+    incomplete until commit(); close() throws it away unless commit()
+    finished, so a writer closed on any error path leaves nothing behind.
+    Writes are gathered up to WRITE_BUFFER octets, so a small message is
+    one write(2) at commit, then one fsync.
     """
 
     def __init__(self, spool, envelope):
         self.spool = spool
         self.envelope = envelope
-        self.tmp_path = os.path.join(spool.tmp, envelope.id + MESSAGE_SUFFIX)
         self.path = spool.entry_path(envelope.id)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-        try:
-            fd = os.open(self.tmp_path, flags, 0o600)
-        except FileNotFoundError:
-            os.makedirs(spool.tmp, mode=0o700, exist_ok=True)
-            fd = os.open(self.tmp_path, flags, 0o600)
-        self.file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600)
+        self.pending = [INCOMPLETE]
+        self.buffered = 0
+        self.written = False  # whether INCOMPLETE is in the file already
+        self.size = 0
+        self.crc = 0
         self.committed = False
         self.write(envelope.freeze())
 
     def write(self, data):
-        self.file.write(data)
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        self.pending.append(data)
+        self.buffered += len(data)
+        if self.buffered >= WRITE_BUFFER:
+            self.flush()
+
+    def flush(self):
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.buffered = 0
+        write_all(self.fd, data)
+        self.written = True
 
     def commit(self):
-        """Make the entry durable and visible: fsync, rename, fsync the directory."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.rename(self.tmp_path, self.path)
-        self.tmp_path = self.path  # from here on, close() removes the entry
-        fsync_directory(self.spool.path)
+        """Mark the entry complete and make it durable: one fsync (see the module docstring)."""
+        line = COMMITTED % (self.size, self.crc)
+        if self.written:
+            self.flush()
+            if os.pwrite(self.fd, line, 0) != COMMIT_LINE_SIZE:
+                raise OSError("short write of the commit line")
+        else:
+            self.pending[0] = line
+            self.flush()
+        os.fsync(self.fd)
+        if os.fstat(self.fd).st_nlink == 0:
+            # Removed as crash debris by a netsmtp-send with a shorter
+            # --session-timeout: this message is not in the spool.
+            raise OSError("%s was removed while being written" % self.path)
+        if self.spool.fsync_directory:
+            fsync_directory(self.spool.path)
         self.committed = True
+        os.close(self.fd)
 
     def close(self):
         """Throw the entry away, also when commit() failed halfway; never raises.
@@ -350,10 +483,10 @@ class SpoolWriter:
         if self.committed:
             return
         try:
-            self.file.close()
+            os.close(self.fd)
         except OSError:
             pass
         try:
-            os.unlink(self.tmp_path)
+            os.unlink(self.path)
         except OSError as exc:
-            log.warning("cannot remove %s: %s", self.tmp_path, exc)
+            log.warning("cannot remove %s: %s", self.path, exc)

@@ -29,8 +29,9 @@ def stdin_mode(spool, data, env=None, args=()):
 
 def only_entry(path):
     [name] = spooled(Spool(path))
-    with open(os.path.join(path, name), "rb") as f:
-        return Envelope.from_json(f.readline()), f.read()
+    envelope = Envelope.thaw(os.path.join(path, name))
+    with envelope.open() as f:
+        return envelope, f.read()
 
 
 def test_piped_session(tmp_path):

@@ -204,8 +204,9 @@ def kill_tree(pid):
             pass
 
 
-def test_kill_during_data_leaves_no_entry(server, smarthost):
-    """A server SIGKILLed in the middle of DATA leaves no entry, so nothing is ever sent."""
+def test_kill_during_data_leaves_only_an_incomplete_entry(server, smarthost, capsys):
+    """A server SIGKILLed in the middle of DATA leaves an entry never committed: not
+    listed, not sent, skipped while young and removed with a log line once older."""
     from netsmtp.spool import Spool
     spool = Spool(server.spool)
     client = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
@@ -215,15 +216,25 @@ def test_kill_during_data_leaves_no_entry(server, smarthost):
     assert client.docmd("DATA")[0] == 354
     client.send(b"Subject: half\r\n\r\n" + b"partial line\r\n" * 40000)
     # The spool writer buffers 256 KB: wait until some of the text is on disk.
-    wait_for(lambda: os.listdir(spool.tmp) and os.path.getsize(
-        os.path.join(spool.tmp, os.listdir(spool.tmp)[0])) > 100000)
+    wait_for(lambda: spooled(spool) and os.path.getsize(
+        os.path.join(spool.path, spooled(spool)[0])) > 100000)
     kill_tree(server.proc.pid)
     server.proc.wait(10)
     client.close()
-    assert spooled(spool) == []
-    assert run_cli(send_main, ["--smarthost", smarthost.address, "--smarthost-tls", "off",
-                               spool.path]) == 0
-    assert smarthost.messages == []
+    [name] = spooled(spool)
+    assert run_cli(queue_main, ["--spool", spool.path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    send = ["--smarthost", smarthost.address, "--smarthost-tls", "off", spool.path]
+    assert run_cli(send_main, send) == 0
+    assert capsys.readouterr().out.startswith(name[:24] + ": incomplete (")
+    assert spooled(spool) == [name]
+    path = os.path.join(spool.path, name)
+    os.utime(path, (time.time() - 3601,) * 2)
+    assert run_cli(send_main, send) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(name[:24] + ": removed (")
+    assert "WARNING removed %s: an entry never committed" % path in err
+    assert spooled(spool) == [] and smarthost.messages == []
 
 
 def test_kill_after_250_keeps_the_message_for_sending(server, smarthost):

@@ -47,8 +47,7 @@ class Client:
 
 def entries(path):
     spool = Spool(path)
-    return [Envelope.from_json(open(os.path.join(path, name), "rb").readline())
-            for name in spooled(spool)]
+    return [Envelope.thaw(os.path.join(path, name)) for name in spooled(spool)]
 
 
 SERVERS = {"forking": ["--workers", "0"], "prefork": ["--workers", "2"]}

@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import signal
+import stat
 
 import pytest
 
@@ -12,7 +13,7 @@ from conftest import Conversation, make_options, replies_of, spooled
 from netsmtp.envelope import Envelope
 from netsmtp.replies import SMTPError
 from netsmtp.session import Session
-from netsmtp.spool import Spool
+from netsmtp.spool import INCOMPLETE, Spool
 
 HELLO = [b"EHLO client.test"]
 SENDER = HELLO + [b"MAIL FROM:<a@client.test>"]
@@ -21,8 +22,8 @@ RECIPIENT = SENDER + [b"RCPT TO:<u@mx.test>"]
 
 def message_of(spool, index=0):
     """(envelope, message bytes) of a spooled entry."""
-    with open(os.path.join(spool.path, spooled(spool)[index]), "rb") as f:
-        envelope = Envelope.from_json(f.readline())
+    envelope = Envelope.thaw(os.path.join(spool.path, spooled(spool)[index]))
+    with envelope.open() as f:
         return envelope, f.read()
 
 
@@ -526,11 +527,20 @@ def test_unexpected_error_is_451_without_detail(options, spool, caplog):
 
 # -- durability -------------------------------------------------------------------
 
-def test_entry_is_fsynced_and_renamed_before_250(options, spool, monkeypatch):
-    """The file fsync, the rename and the directory fsync all happen before the 250 is written."""
+def commit_events(options, spool, monkeypatch):
+    """What one accepted message costs the disk, in order: fsyncs, renames, the 250."""
     events = []
     real_fsync, real_rename = os.fsync, os.rename
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+
+    def fsync(fd):
+        kind = "directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        [name] = spooled(spool)
+        with open(os.path.join(spool.path, name), "rb") as f:
+            first = f.read(len(INCOMPLETE))
+        events.append("fsync %s (%s)" % (kind, "committed" if first != INCOMPLETE else
+                                         "incomplete"))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", lambda a, b: (events.append("rename"), real_rename(a, b))[1])
 
     class Out(io.BytesIO):
@@ -541,7 +551,36 @@ def test_entry_is_fsynced_and_renamed_before_250(options, spool, monkeypatch):
 
     Session(io.BytesIO(b"".join(line + b"\r\n" for line in RECIPIENT + [b"DATA", b"x\r\n."])),
             Out(), peer="192.0.2.1", options=options, spool=spool).handle()
-    assert events == ["fsync", "rename", "fsync", "250"]
+    return events
+
+
+def test_one_journal_commit_before_250(options, spool, monkeypatch):
+    """The entry is written in place and committed by one file fsync: no rename, no dir fsync."""
+    assert commit_events(options, spool, monkeypatch) == ["fsync file (committed)", "250"]
+    assert len(spooled(spool)) == 1 and os.listdir(spool.tmp) == []
+
+
+def test_spool_fsync_directory_adds_the_directory_fsync(options, tmp_path, monkeypatch):
+    """--spool-fsync-directory: the file's fsync, then the directory's, then the 250."""
+    options = options.replace(spool_fsync_directory=True)
+    spool = Spool(options.spool, fsync_directory=options.spool_fsync_directory)
+    spool.prepare()
+    assert commit_events(options, spool, monkeypatch) == [
+        "fsync file (committed)", "fsync directory (committed)", "250"]
+
+
+def test_entry_removed_while_written_is_not_acknowledged(options, spool, monkeypatch):
+    """If the entry was removed as debris before its commit, the client gets 452, not 250."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        for name in os.listdir(spool.path):
+            if name.endswith(".msg"):
+                os.unlink(os.path.join(spool.path, name))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    replies = Conversation(options, spool)(RECIPIENT + [b"DATA", b"x\r\n."])
+    assert replies[-1][0] == 452 and spooled(spool) == []
 
 
 class BrokenTrace(Session):

@@ -10,7 +10,7 @@ import time
 import pytest
 from smarthost import CaptureServer, put, run_cli
 
-from netsmtp.envelope import Envelope, Recipient, Result, Status
+from netsmtp.envelope import SCHEMA_VERSION, Envelope, Recipient, Result, Status
 from netsmtp.queue_cli import send_main
 from netsmtp.runner import QueueRunner
 from netsmtp.spool import Busy, resolve
@@ -212,7 +212,7 @@ def test_state_file_is_plain_json(spool):
     queue_id = put(spool)
     envelope = Envelope.thaw(spool.entry_path(queue_id))
     data = json.loads(envelope.freeze_state())
-    assert data["version"] == 1 and data["recipients"][0]["address"] == "u@x.test"
+    assert data["version"] == SCHEMA_VERSION and data["recipients"][0]["address"] == "u@x.test"
 
 
 def test_group_commit_holds_claims_until_the_directory_fsync(spool):
@@ -233,3 +233,42 @@ def test_group_commit_holds_claims_until_the_directory_fsync(spool):
     with spool.claim(queue_id):
         pass
     assert os.listdir(spool.locks) == []
+
+
+SCHEMA_1_ENTRY = (
+    b'{"version":1,"id":"0660d0000000000000000003","sender":"a@b.test",'
+    b'"recipients":["u@x.test"],"helo":"c.test","client":"192.0.2.1","protocol":"ESMTP",'
+    b'"params":{"SIZE":40},"tls":null,"auth":null,"arrival":1700000000.5}\n'
+    b"Received: from c.test\r\nSubject: old\r\n\r\nschema one\r\n")
+
+
+def test_schema_1_entries_are_still_listed_and_sent(spool, capsys):
+    """An entry written before the commit line (schema 1) is listed and sent as before."""
+    from netsmtp.queue_cli import queue_main
+    queue_id = "0660d0000000000000000003"
+    with open(spool.entry_path(queue_id), "wb") as f:
+        f.write(SCHEMA_1_ENTRY)
+    assert run_cli(queue_main, ["--spool", spool.path, "--json"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    message = SCHEMA_1_ENTRY.split(b"\n", 1)[1]
+    assert entry["id"] == queue_id and entry["size"] == len(message)
+    with CaptureServer() as smarthost:
+        assert run_cli(send_main, ["--smarthost", smarthost.address, "--smarthost-tls", "off",
+                                   spool.path]) == 0
+    [sent] = smarthost.messages
+    assert sent.recipients == ["u@x.test"] and sent.data == message
+    assert spool.queue_ids() == []
+
+
+def test_entry_format_commit_line_first(spool):
+    """A new entry starts with its 64-octet commit line: the length and CRC-32 of the rest."""
+    import zlib
+
+    from netsmtp.spool import COMMIT_LINE_SIZE
+    queue_id = put(spool)
+    with open(spool.entry_path(queue_id), "rb") as f:
+        data = f.read()
+    line, rest = data[:COMMIT_LINE_SIZE], data[COMMIT_LINE_SIZE:]
+    assert line == b"netsmtp entry complete size=%020d crc32=%08x\n" % (
+        len(rest), zlib.crc32(rest))
+    assert json.loads(rest.split(b"\n", 1)[0])["version"] == SCHEMA_VERSION
