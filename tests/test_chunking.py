@@ -27,8 +27,7 @@ def codes(converse, data):
 
 def body_of(spool, index=0):
     """The spooled message without its Received header."""
-    with open(os.path.join(spool.path, spooled(spool)[index]), "rb") as f:
-        Envelope.from_json(f.readline())
+    with Envelope.thaw(os.path.join(spool.path, spooled(spool)[index])).open() as f:
         data = f.read()
     start = data.index(b";\r\n\t") + 3
     return data[data.index(b"\r\n", start) + 2:]
