@@ -111,6 +111,8 @@ def main(argv=None):
         parser.error("--require-auth needs --auth-file")
     if options.sink and options.stdin:
         parser.error("--sink cannot be used with --stdin: stdout is the SMTP session there")
+    if options.verify_recipients and not options.smarthost:
+        parser.error("--verify-recipients needs --smarthost")
     setup_logging(options, protocol_on_stdio=options.stdin)
     if options.sink:
         return sink_main(options)
@@ -226,7 +228,11 @@ def check_recipient(options, text):
               "relay networks and AUTH)" % (printable(address), printable(domain)))
         return 1
     from .recipients import current
-    resolution = resolve(options, address, current(options))
+    verify = None
+    if options.verify_recipients:
+        from .verify import verifier
+        verify = verifier(options).verify
+    resolution = resolve(options, address, current(options), verify)
     print(printable(str(resolution), 4096))
     return 0 if resolution.accepted else 1
 

@@ -245,19 +245,21 @@ SPEC = {opt.name: opt for opt in (
            "HELO must be allowed, the client's address literal, or resolve to it"),
     Option("helo_allowed", None, parse_domains,
            "comma-separated HELO names always accepted by --helo-verify"),
-    # The queue runner, netsmtp-send (see netsmtp.runner); the daemon reads the route
-    # table and maildir_root too, to refuse at RCPT a mailbox that does not exist.
-    Option("smarthost", None, parse_hostport, "where netsmtp-send relays mail, HOST:PORT",
-           (SEND,)),
+    # The queue runner, netsmtp-send (see netsmtp.runner).  The daemon reads the
+    # smarthost's address, TLS and AUTH for --verify-recipients, and the route table
+    # and maildir_root to refuse at RCPT a mailbox that does not exist.
+    Option("smarthost", None, parse_hostport,
+           "where netsmtp-send relays mail (and --verify-recipients asks), HOST:PORT",
+           (DAEMON, SEND)),
     Option("smarthost_tls", "opportunistic", parse_tls_mode,
-           "STARTTLS to the smarthost: off, opportunistic or required", (SEND,)),
+           "STARTTLS to the smarthost: off, opportunistic or required", (DAEMON, SEND)),
     Option("smarthost_ca", None, parse_str,
-           "CA file verifying the smarthost's certificate (default: the system's)", (SEND,)),
-    Option("smarthost_user", None, parse_str, "user name for AUTH at the smarthost", (SEND,)),
+           "CA file verifying the smarthost's certificate (default: the system's)", (DAEMON, SEND)),
+    Option("smarthost_user", None, parse_str, "user name for AUTH at the smarthost", (DAEMON, SEND)),
     Option("smarthost_password_file", None, parse_str,
-           "file whose first line is the smarthost AUTH password", (SEND,)),
+           "file whose first line is the smarthost AUTH password", (DAEMON, SEND)),
     Option("smarthost_auth_plaintext", False, parse_bool,
-           "allow AUTH to the smarthost without TLS", (SEND,)),
+           "allow AUTH to the smarthost without TLS", (DAEMON, SEND)),
     Option("smarthost_timeout", 120.0, parse_seconds, "seconds to wait for the smarthost",
            (SEND,)),
     Option("maildir_root", None, parse_str,
@@ -277,6 +279,15 @@ SPEC = {opt.name: opt for opt in (
     Option("recipient_delimiter", None, parse_delimiter,
            "characters that start a subaddress extension, e.g. + (ann+lists@ falls "
            "back to ann@)", (DAEMON, SEND)),
+    Option("verify_recipients", False, parse_bool,
+           "ask the smarthost at RCPT whether a recipient of a local domain routed "
+           "there exists (550 5.1.1 if not)"),
+    Option("verify_timeout", 10.0, parse_seconds,
+           "seconds a verification probe may take; then 450 4.1.1"),
+    Option("verify_positive_ttl", "1d", parse_duration,
+           "how long a verified recipient is remembered (s, m, h, d)"),
+    Option("verify_negative_ttl", "1h", parse_duration,
+           "how long a refused recipient is remembered (s, m, h, d)"),
     Option("retry_initial", "5m", parse_duration,
            "first retry delay after a deferral, doubling each attempt (s, m, h, d)", (SEND,)),
     Option("retry_max", "4h", parse_duration, "longest retry delay", (SEND,)),

@@ -93,9 +93,10 @@ class Policy:
         Returning a list delivers to those addresses instead (an alias or a
         redirect).  The default refuses relaying with 550 5.7.1, and for the
         local domains runs resolve_recipient(): the recipient table and its
-        aliases, and the Maildir check.  An address that does not exist gets
-        550 5.1.1.  An override that calls super() keeps all of these and
-        adds its own.
+        aliases, the Maildir check and, with verify_recipients, the
+        smarthost's answer.  An address that does not exist gets 550 5.1.1
+        (450 4.1.1 when the smarthost cannot tell now).  An override that
+        calls super() keeps all of these and adds its own.
         """
         domain = domain_of(address)
         if domain and domain not in self.options.local_domains:
@@ -117,7 +118,11 @@ class Policy:
         if not self.recipient_table_checked:
             self.recipient_table = recipients.current(self.options)
             self.recipient_table_checked = True
-        return recipients.resolve(self.options, address, self.recipient_table)
+        verify = None
+        if self.options.verify_recipients:
+            from .verify import verifier
+            verify = verifier(self.options).verify
+        return recipients.resolve(self.options, address, self.recipient_table, verify)
 
     def check_message(self, envelope, headers):
         """Called after the final dot, before the 250.

@@ -30,6 +30,7 @@ REPLIES = MappingProxyType({
     "421 4.3.2": "%s shutting down, closing connection",
     "421 4.4.2": "%s idle for too long, closing connection",
     "421 4.7.0": "%s %s, closing connection",
+    "450 4.1.1": "Mailbox <%s> cannot be verified now, try again later",
     "450 4.7.1": "%s",
     "451 4.3.0": "Local error in processing, try again later",
     "452 4.3.1": "Insufficient system storage, try again later",

@@ -37,6 +37,7 @@ class SmarthostDelivery(Delivery):
 
     Methods that may be extended:
         connect()       an smtplib.SMTP after EHLO, STARTTLS and AUTH
+        new_smtp()      the unconnected smtplib.SMTP that connect() uses
     """
 
     name = "smarthost"
@@ -77,12 +78,21 @@ class SmarthostDelivery(Delivery):
                 log.warning("%s: %s", envelope.id, error)
                 return {r: results.get(r, error) for r in recipients}
 
+    def new_smtp(self):
+        """An unconnected smtplib.SMTP; netsmtp.verify's probe makes a bounded one."""
+        return smtplib.SMTP(local_hostname=self.options.hostname,
+                            timeout=self.options.smarthost_timeout)
+
     def connect(self):
         host, port = self.options.smarthost
         where = self.where
+        smtp = self.new_smtp()
+        smtp._host = host  # smtplib checks the certificate against it (set by __init__ only)
         try:
-            smtp = smtplib.SMTP(host, port, local_hostname=self.options.hostname,
-                                timeout=self.options.smarthost_timeout)
+            code, greeting = smtp.connect(host, port)
+            if code != 220:
+                smtp.close()
+                raise smtplib.SMTPConnectError(code, greeting)
         except (OSError, smtplib.SMTPException) as exc:
             raise SmarthostUnusable(Result(451, "4.4.1 smarthost %s unreachable: %s" % (
                 where, printable(exc) or type(exc).__name__))) from None
