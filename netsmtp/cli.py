@@ -31,6 +31,9 @@ def add_options(parser, names):
         if opt.parse is parse_bool:
             parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction,
                                 default=None, help=opt.help)
+        elif opt.each:
+            parser.add_argument(opt.flag, dest=name, action="append", metavar="ADDR",
+                                default=None, help=opt.help)
         else:
             default = "" if opt.default is None else " (default: %s)" % (opt.default,)
             parser.add_argument(opt.flag, metavar=name.split("_")[-1].upper(),

@@ -112,6 +112,45 @@ def parse_endpoint(value):
     return parse_hostport(text)
 
 
+def parse_filter_address(value):
+    """A policy service or milter socket: HOST:PORT, inet:HOST:PORT, unix:PATH, or
+    Postfix's inet:PORT@HOST; -> ("inet", (host, port)) or ("unix", path)."""
+    text = str(value).strip()
+    kind, sep, rest = text.partition(":")
+    if sep and kind.lower() == "unix":
+        if not rest:
+            raise ValueError("expected unix:PATH, got %r" % value)
+        return "unix", rest
+    if sep and kind.lower() in ("inet", "inet6"):
+        text = rest
+    if "@" in text:  # Sendmail's and opendkim's PORT@HOST
+        port, _, host = text.partition("@")
+        text = "%s:%s" % (host, port)
+    host, port = parse_hostport(text)
+    if not host:
+        raise ValueError("expected HOST:PORT, got %r" % value)
+    return "inet", (host, port)
+
+
+def parse_filter_addresses(value):
+    return tuple(parse_filter_address(item) for item in parse_list(value))
+
+
+def parse_policy_action(value):
+    """The action taken when a policy service fails (a Postfix access(5) action)."""
+    from .policy_service import parse_action
+    text = str(value).strip()
+    parse_action(text)  # ValueError when it is not one netsmtp takes
+    return text
+
+
+def parse_milter_action(value):
+    action = str(value).strip().lower()
+    if action not in ("tempfail", "accept", "reject"):
+        raise ValueError("expected tempfail, accept or reject, got %r" % value)
+    return action
+
+
 def parse_str(value):
     return str(value)
 
@@ -168,17 +207,22 @@ DAEMON, SEND, QUEUE = "netsmtp", "netsmtp-send", "netsmtp-queue"
 
 
 class Option:
-    """One setting: its name, default, parser, one line of help and the programs reading it."""
+    """One setting: its name, default, parser, one line of help and the programs reading it.
 
-    __slots__ = ("name", "default", "parse", "help", "programs")
+    A list whose flag names one item (--milter A --milter B, TOML milters =
+    [A, B]) gives that flag as each.
+    """
 
-    def __init__(self, name, default, parse, help, programs=(DAEMON,)):
+    __slots__ = ("name", "default", "parse", "help", "programs", "each")
+
+    def __init__(self, name, default, parse, help, programs=(DAEMON,), each=None):
         self.name, self.default, self.parse, self.help = name, default, parse, help
         self.programs = frozenset(programs)
+        self.each = each
 
     @property
     def flag(self):
-        return "--" + self.name.replace("_", "-")
+        return self.each or "--" + self.name.replace("_", "-")
 
 
 SPEC = {opt.name: opt for opt in (
@@ -298,6 +342,15 @@ SPEC = {opt.name: opt for opt in (
            "accept any message for anyone, print it to stdout, relay and keep nothing"),
     Option("sink_dir", None, parse_str,
            "with --sink: write each message to DIR/ID.eml instead (implies --sink)"),
+    Option("policy_services", (), parse_filter_addresses,
+           "a Postfix policy service asked at RCPT, HOST:PORT or unix:PATH (repeatable)",
+           each="--policy-service"),
+    Option("policy_end_of_message", False, parse_bool,
+           "ask the policy services again at the end of each message"),
+    Option("policy_timeout", 10.0, parse_seconds, "seconds to wait for a policy service"),
+    Option("policy_default_action", "451 4.3.5 Server configuration problem",
+           parse_policy_action,
+           "action when a policy service is down, slow or answers garbage"),
     Option("log_level", "info", parse_log_level, "debug, info, warning or error",
            (DAEMON, SEND)),
     Option("syslog", False, parse_bool, "log to syslog instead of stderr", (DAEMON, SEND)),

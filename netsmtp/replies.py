@@ -9,6 +9,7 @@ so nothing a client sends can put CR, LF or other control characters on
 the wire.
 """
 
+import re
 from types import MappingProxyType
 
 REPLIES = MappingProxyType({
@@ -90,6 +91,9 @@ def _argument(value, limit=200):
 class SMTPError(Exception):
     """A refusal that carries its reply: the key of REPLIES and its arguments."""
 
+    lines = ()      # further lines of a multi-line reply
+    replies = None  # the table of its key; None is the session's
+
     def __init__(self, key, *args):
         super().__init__(key, *args)
         self.key = key
@@ -102,6 +106,61 @@ class SMTPError(Exception):
 
     def __str__(self):
         return format_reply(self.key, *self.args_).decode().rstrip()
+
+
+# A filter's own reply (RFC 5321 section 4.2, RFC 3463 section 2): a 4xx or
+# 5xx code, an enhanced code of the same class, printable ASCII text.
+FILTER_REPLY = re.compile(r"([45][0-5][0-9])(?:[ -]([45])\.([0-9]{1,3})\.([0-9]{1,3}))?(?: (.*))?\Z")
+FILTER_TEXT_LIMIT = 400  # octets of text, so a reply line stays under 512
+
+
+class FilterReply(SMTPError):
+    """A refusal whose code and text a filter chose (a policy service, a milter).
+
+    It is the one reply not written in REPLIES: Postfix passes a policy
+    service's or milter's reply text on, and so does netsmtp, once
+    parse_filter_reply() has checked it.  It carries a one-entry table of its
+    own, so the session formats it like any other reply.
+    """
+
+    def __init__(self, code, enhanced, text, more=()):
+        super().__init__("%d %s" % (code, enhanced))
+        self.text, self.lines = text, tuple(more)
+        self.replies = {self.key: text.replace("%", "%%")}
+
+    def __str__(self):
+        return "%s %s" % (self.key, self.text)
+
+
+def parse_filter_reply(text, default_enhanced=None):
+    """A FilterReply from "NNN [X.Y.Z] text" (lines joined by CRLF); ValueError if invalid.
+
+    Without an enhanced code, default_enhanced (e.g. "7.1", the class digit
+    is the code's) is used; without one either, the reply is invalid.  A
+    multi-line reply must use "NNN-" on every line but the last, one code
+    throughout (RFC 5321 section 4.2.1).
+    """
+    lines = text.split("\r\n") if text else [""]
+    parsed = []
+    for number, line in enumerate(lines):
+        match = FILTER_REPLY.match(line)
+        # "NNN-" on every line but the last, which says "NNN ".
+        if match is None or (line[3:4] == "-") == (number == len(lines) - 1):
+            raise ValueError("not a 4xx or 5xx reply: %r" % printable(line, 80))
+        code, klass, subject, detail, words = match.groups()
+        if klass is None:
+            if default_enhanced is None:
+                raise ValueError("no enhanced status code: %r" % printable(line, 80))
+            klass, subject, detail = code[0], *default_enhanced.split(".")
+        words = words or ""
+        if klass != code[0] or (parsed and code != parsed[0][0]):
+            raise ValueError("enhanced code class differs from the reply code: %r"
+                             % printable(line, 80))
+        if not all(" " <= c <= "~" for c in words) or len(words) > FILTER_TEXT_LIMIT:
+            raise ValueError("reply text is not short printable ASCII: %r" % printable(line, 80))
+        parsed.append((code, "%s.%s.%s" % (klass, int(subject), int(detail)), words))
+    code, enhanced, words = parsed[0]
+    return FilterReply(int(code), enhanced, words, more=[p[2] for p in parsed[1:]])
 
 
 def format_reply(key, *args, lines=(), replies=REPLIES):

@@ -98,6 +98,7 @@ class Session(Policy):
         self.esmtp = False
         self.tls = None
         self.auth_user = None
+        self.auth_mechanism = None
         self.envelope = None
         self.chunks = None  # the message of a BDAT transaction: (MessageSink, ChunkedText)
         self.closing = False
@@ -108,6 +109,10 @@ class Session(Policy):
         self._out = []
         self._out_size = 0
         self.tag = printable(peer or "local")
+        self.filters = None
+        if self.options.policy_services:
+            from .filters import Filters  # policy services and milters
+            self.filters = Filters(self)
 
     # -- the connection loop ---------------------------------------------
 
@@ -156,6 +161,8 @@ class Session(Policy):
         finally:
             self.idle = False
             self.drop_chunks()
+            if self.filters is not None:
+                self.filters.close()
             try:
                 self.flush()
             except OSError:
@@ -176,14 +183,14 @@ class Session(Policy):
             self.check_client(self.peer)
         except SMTPError as refusal:
             log.info("%s: refused: %s", self.tag, refusal)
-            self.reply(refusal.key, *refusal.args_)
+            self.reply(refusal.key, *refusal.args_, lines=refusal.lines, replies=refusal.replies)
             self.state = State.REFUSED
             return refusal.code == 554
         try:
             self.greet_pause()
         except SMTPError as refusal:
             log.info("%s: refused: %s", self.tag, refusal)
-            self.reply(refusal.key, *refusal.args_)
+            self.reply(refusal.key, *refusal.args_, lines=refusal.lines, replies=refusal.replies)
             return False
         self.reply("220", self.options.hostname)
         return True
@@ -257,7 +264,7 @@ class Session(Policy):
     def refuse(self, refusal):
         """Send a refusal's reply; each costs a growing delay, too many close the session."""
         log.info("%s: refused: %s", self.tag, refusal)
-        self.reply(refusal.key, *refusal.args_)
+        self.reply(refusal.key, *refusal.args_, lines=refusal.lines, replies=refusal.replies)
         if refusal.code >= 500:
             self.bad_commands += 1
             limit = self.options.max_bad_commands
@@ -297,13 +304,15 @@ class Session(Policy):
         if self.command_deadline is not None and now > self.command_deadline:
             raise TimeoutError("command line took over %ss" % self.options.timeout)
 
-    def reply(self, key, *args, lines=()):
+    def reply(self, key, *args, lines=(), replies=None):
         """Queue a reply; it is written when the session next waits for input.
 
-        Past OUTPUT_LIMIT octets the queue is written at once, so a client
-        that pipelines thousands of EHLOs cannot make it grow without bound.
+        replies is the table to format it from (self.replies unless a
+        refusal brings its own: netsmtp.replies.FilterReply).  Past
+        OUTPUT_LIMIT octets the queue is written at once, so a client that
+        pipelines thousands of EHLOs cannot make it grow without bound.
         """
-        self._out.append(format_reply(key, *args, lines=lines, replies=self.replies))
+        self._out.append(format_reply(key, *args, lines=lines, replies=replies or self.replies))
         self._out_size += len(self._out[-1])
         if self._out_size > OUTPUT_LIMIT:
             self.flush()
@@ -572,6 +581,8 @@ class Session(Policy):
         if limit and self.recipients_total >= limit:
             raise SMTPError("452 4.5.3")
         replacement = self.check_rcpt_to(address, params)
+        if self.filters is not None:  # after the relay check, so no filter grants relaying
+            self.filters.rcpt(address, params)
         for recipient in replacement if replacement is not None else [address]:
             if recipient not in self.envelope.recipients:
                 self.envelope.recipients.append(recipient)
@@ -661,6 +672,8 @@ class Session(Policy):
         except BaseException:
             writer.close()
             raise
+        if self.filters is not None:  # the filters see the message before it is committed
+            writer = self.filters.wrap(writer, envelope)
         return MessageSink(writer)
 
     def end_message(self, sink, size, problem):
@@ -751,7 +764,7 @@ class Session(Policy):
         user, password = mechanism(initial.strip() or None)
         if not self.authenticate(user, password):
             self.fail_auth(name, user)
-        self.auth_user = user
+        self.auth_user, self.auth_mechanism = user, name
         log.info("%s: AUTH %s as %s", self.tag, name, printable(user))
         self.reply("235 2.7.0")
 
