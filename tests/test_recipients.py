@@ -304,3 +304,37 @@ def test_netsmtp_send_refuses_a_bad_table_with_exit_2(tmp_path, capsys):
                             "--local-domains", "example.com"])
     assert info.value.code == 2
     assert "recipients:1:" in capsys.readouterr().err
+
+
+def rcpt_code(port, address):
+    """The reply code to one RCPT over a fresh connection to the daemon."""
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.ehlo("c.test")
+        client.mail("someone@far.example")
+        return client.rcpt(address)[0]
+
+
+def test_every_worker_rereads_a_changed_table(tmp_path, server_factory):
+    """The prefork daemon's workers each see a new entry from their next session on."""
+    path = tmp_path / "recipients"
+    path.write_text(TABLE)
+    server = server_factory("--recipients", str(path), "--local-domains", ",".join(DOMAINS),
+                            "--workers", "3")
+    assert rcpt_code(server.port, "carol@example.com") == 550
+    assert rcpt_code(server.port, "ann@example.com") == 250
+    path.write_text(TABLE + "carol@example.com\n")
+    assert [rcpt_code(server.port, "carol@example.com") for _ in range(6)] == [250] * 6
+    assert "no postmaster entry" in server.output()
+
+
+def test_a_bad_table_under_inetd_says_421_and_exits_2(tmp_path):
+    """In --stdin mode the client hears 421 4.3.0, never a traceback; the exit code is 2."""
+    (tmp_path / "recipients").write_text("ann@elsewhere.example\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "netsmtp", "--stdin", "--recipients", str(tmp_path / "recipients"),
+         "--local-domains", "example.com", "--hostname", "mx.test",
+         "--spool", str(tmp_path / "spool")],
+        cwd=ROOT, input=b"EHLO c.test\r\n", capture_output=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == b"421 4.3.0 mx.test service not available, try again later\r\n"
