@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from netsmtp.envelope import Envelope
 from netsmtp.options import Options
 from netsmtp.session import Session
 from netsmtp.spool import Spool
@@ -132,33 +133,96 @@ def spooled(spool):
     return sorted(f for f in os.listdir(spool.path) if f.endswith(".msg"))
 
 
+def entries_of(spool):
+    """[(envelope, message bytes)] of the spooled entries, oldest first; spool or its path."""
+    spool = Spool(spool) if isinstance(spool, str) else spool
+    found = []
+    for name in spooled(spool):
+        envelope = Envelope.thaw(os.path.join(spool.path, name))
+        with envelope.open() as f:
+            found.append((envelope, f.read()))
+    return found
+
+
+def only_entry(spool):
+    """(envelope, message bytes) of the one spooled entry; fails unless there is exactly one."""
+    entries = entries_of(spool)
+    assert len(entries) == 1, [envelope.id for envelope, _ in entries]
+    return entries[0]
+
+
+def read_reply(source):
+    """One whole (possibly multi-line) reply from a server: (code, [lines without CRLF]).
+
+    source is a binary file (sock.makefile("rb")) or a socket.  A socket is read
+    one octet at a time, so nothing after the reply is consumed: a TLS handshake
+    may follow on it.  EOFError when the server closes first.
+    """
+    def socket_line():
+        line = b""
+        while not line.endswith(b"\n"):
+            octet = source.recv(1)
+            if not octet:
+                break
+            line += octet
+        return line
+
+    readline = source.readline if hasattr(source, "readline") else socket_line
+    lines = []
+    while True:
+        line = readline()
+        if not line:
+            raise EOFError("server closed the connection")
+        lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+        if line[3:4] != b"-":
+            return int(lines[0][:3]), lines
+
+
+class Recorded(Session):
+    """Records each tarpit or AUTH pause instead of sleeping it."""
+
+    pauses = ()  # an immutable default; each instance rebinds its own
+
+    def pause(self, seconds):
+        self.pauses = (*self.pauses, seconds)
+
+
 class ServerProcess:
-    """`python -m netsmtp` listening on 127.0.0.1:0, port read from its log."""
+    """`python -m netsmtp` listening on 127.0.0.1:0, port read from its log.
+
+    A thread drains the child's stderr from the start, so a chatty server
+    never blocks on a full pipe, and it sets an event once the "listening on"
+    line shows the port; the start waits on that event with a deadline, so a
+    child that hangs without a word fails the test instead of hanging it.
+    """
+
+    START_TIMEOUT = 20.0
+    command = (sys.executable, "-m", "netsmtp", "--listen", "127.0.0.1:0")
 
     def __init__(self, args, env=None):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netsmtp", "--listen", "127.0.0.1:0", *args],
-            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen([*self.command, *args], cwd=ROOT, stderr=subprocess.PIPE,
+                                     text=True, env=env)
         self.log = []
-        deadline = time.monotonic() + 20
-        for line in self.proc.stderr:
-            self.log.append(line)
-            found = re.search(r"listening on ([\d.]+):(\d+)", line)
-            if found:
-                self.address = (found.group(1), int(found.group(2)))
-                break
-            if time.monotonic() > deadline:
-                break
-        else:
-            raise RuntimeError("server did not start: %s" % "".join(self.log))
-        self.port = self.address[1]
-        # Keep draining stderr so a chatty server never blocks on a full pipe.
+        self.address = None
+        self.listening = threading.Event()
         self.reader = threading.Thread(target=self._drain, daemon=True)
         self.reader.start()
+        if not self.listening.wait(self.START_TIMEOUT) or self.address is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.reader.join(5)
+            raise RuntimeError("server did not start within %ss: %s" % (
+                self.START_TIMEOUT, self.output()))
+        self.port = self.address[1]
 
     def _drain(self):
         for line in self.proc.stderr:
             self.log.append(line)
+            found = self.address is None and re.search(r"listening on ([\d.]+):(\d+)", line)
+            if found:
+                self.address = (found.group(1), int(found.group(2)))
+                self.listening.set()
+        self.listening.set()  # the child closed stderr (it exited): stop waiting
 
     def stop(self, timeout=20):
         """SIGTERM the server and wait; returns its exit code."""

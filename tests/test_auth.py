@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import client_context, need_tool, spooled
+from conftest import Recorded, client_context, need_tool, spooled
 from netsmtp.auth import PasswordFile, hash_password, verify_password
 from netsmtp.cli import passwd
 from netsmtp.spool import Spool
@@ -183,15 +183,16 @@ def test_failures_are_counted_per_client_and_slowed(auth):
     """Each failure of a client waits auth_fail_delay times its recent failures,
     across sessions; another client is not slowed by them."""
     auth.options = auth.options.replace(auth_fail_delay=0.1)
-    timings = []
+    auth.session_class = Recorded
+    pauses = []
     for _ in range(3):
-        started = time.monotonic()
         assert auth.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")])[-1] == 535
-        timings.append(time.monotonic() - started)
-    assert timings[0] >= 0.1 and timings[2] >= 0.3
-    started = time.monotonic()
+        pauses.append(auth.session.pauses)
+    assert pauses == [pytest.approx((0.1,)), pytest.approx((0.2,)), pytest.approx((0.3,))]
     auth.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")], peer="198.51.100.7")
-    assert time.monotonic() - started < 0.3
+    assert auth.session.pauses == pytest.approx((0.1,))
+    assert auth.codes([*HELLO, b"AUTH PLAIN " + plain()])[-1] == 235
+    assert auth.session.pauses == ()
 
 
 def test_secrets_are_never_logged(auth, caplog):

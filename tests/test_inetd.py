@@ -10,9 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port, need_tool, replies_of, spooled, wait_for
-from netsmtp.envelope import Envelope
-from netsmtp.spool import Spool
+from conftest import ROOT, free_port, need_tool, only_entry, replies_of, wait_for
 
 SESSION = (b"EHLO pipe.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<u@mx.test>\r\nDATA\r\n"
            b"Subject: piped\r\n\r\nhello\r\n.\r\nQUIT\r\n")
@@ -25,13 +23,6 @@ def stdin_mode(spool, data, env=None, args=()):
          "--local-domains", "mx.test", *args],
         input=data, capture_output=True, cwd=ROOT, timeout=30,
         env={**os.environ, **(env or {})})
-
-
-def only_entry(path):
-    [name] = spooled(Spool(path))
-    envelope = Envelope.thaw(os.path.join(path, name))
-    with envelope.open() as f:
-        return envelope, f.read()
 
 
 def test_piped_session(tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 
-from conftest import ROOT, children, spooled, wait_for
+from conftest import ROOT, children, read_reply, spooled, wait_for
 from netsmtp.spool import Spool
 
 MESSAGE = b"Subject: prefork\r\n\r\nhello\r\n"
@@ -18,15 +18,6 @@ MESSAGE = b"Subject: prefork\r\n\r\nhello\r\n"
 def connect(port):
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     return sock, sock.makefile("rb")
-
-
-def expect(reader, code):
-    """Read one (possibly multi-line) reply and check its code."""
-    while True:
-        line = reader.readline()
-        assert line[:3] == str(code).encode(), line
-        if line[3:4] != b"-":
-            return line
 
 
 def serving_pids(output):
@@ -55,11 +46,11 @@ def test_pool_grows_beyond_the_warm_workers(server_factory):
     assert wait_for(lambda: len(children(master)) == 1)
     clients = [connect(server.port) for _ in range(6)]
     for _, reader in clients:
-        expect(reader, 220)
+        assert read_reply(reader)[0] == 220
     assert len(children(master)) >= 6
     for sock, reader in clients:
         sock.sendall(b"QUIT\r\n")
-        expect(reader, 221)
+        assert read_reply(reader)[0] == 221
         reader.close()
         sock.close()
     assert server.stop() == 0
@@ -84,21 +75,21 @@ def test_sigterm_finishes_the_message_in_flight(server_factory):
     """On SIGTERM an idle session gets 421, a message in DATA completes, exit 0."""
     server = server_factory("--workers", "2")
     busy, busy_reader = connect(server.port)
-    expect(busy_reader, 220)
+    assert read_reply(busy_reader)[0] == 220
     busy.sendall(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@mx.test>\r\nDATA\r\n")
     for code in (250, 250, 250, 354):
-        expect(busy_reader, code)
+        assert read_reply(busy_reader)[0] == code
     busy.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
     idle, idle_reader = connect(server.port)
-    expect(idle_reader, 220)
+    assert read_reply(idle_reader)[0] == 220
     idle.sendall(b"EHLO c.test\r\n")
-    expect(idle_reader, 250)
+    assert read_reply(idle_reader)[0] == 250
 
     server.proc.terminate()
-    expect(idle_reader, 421)  # so the workers have been told to stop
+    assert read_reply(idle_reader)[0] == 421  # so the workers have been told to stop
     busy.sendall(b"second half\r\n.\r\n")
-    expect(busy_reader, 250)
-    expect(busy_reader, 421)
+    assert read_reply(busy_reader)[0] == 250
+    assert read_reply(busy_reader)[0] == 421
     assert server.proc.wait(10) == 0
     assert len(spooled(Spool(server.spool))) == 1
     for stream in (busy_reader, busy, idle_reader, idle):
@@ -148,7 +139,7 @@ def test_idle_pool_shrinks_back(tmp_path):
         port = int(proc.stdout.readline())
         clients = [connect(port) for _ in range(5)]
         for _, reader in clients:
-            expect(reader, 220)
+            assert read_reply(reader)[0] == 220
         assert len(children(proc.pid)) >= 5
         for sock, reader in clients:
             reader.close()

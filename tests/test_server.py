@@ -11,13 +11,10 @@ import smtplib
 import socket
 import subprocess
 import threading
-import time
 
 import pytest
 
-from conftest import children, need_tool, spooled, wait_for
-from netsmtp.envelope import Envelope
-from netsmtp.spool import Spool
+from conftest import children, entries_of, need_tool, read_reply, wait_for
 
 
 class Client:
@@ -31,23 +28,11 @@ class Client:
         self.sock.sendall(data)
 
     def reply(self):
-        lines = []
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise EOFError("server closed the connection")
-            lines.append(line.decode().rstrip("\r\n"))
-            if line[3:4] != b"-":
-                return int(lines[0][:3]), lines
+        return read_reply(self.file)
 
     def close(self):
         self.file.close()
         self.sock.close()
-
-
-def entries(path):
-    spool = Spool(path)
-    return [Envelope.thaw(os.path.join(path, name)) for name in spooled(spool)]
 
 
 SERVERS = {"forking": ["--workers", "0"], "prefork": ["--workers", "2"]}
@@ -76,7 +61,7 @@ def test_smtplib_message_is_spooled_with_the_client_address(server):
         refused = client.sendmail("a@client.test", ["u@mx.test", "v@example.test"],
                                   b"Subject: live\r\n\r\nhello\r\n")
         assert refused == {}
-    [envelope] = entries(server.spool)
+    [(envelope, _)] = entries_of(server.spool)
     assert envelope.client == "127.0.0.1" and envelope.helo == "client.test"
     assert envelope.recipients == ["u@mx.test", "v@example.test"]
     assert server.stop() == 0
@@ -125,7 +110,7 @@ def test_concurrent_sessions(server_factory, server_flags):
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and len(entries(server.spool)) == 20
+    assert errors == [] and len(entries_of(server.spool)) == 20
 
     wait_for(lambda: not children(server.proc.pid, state="Z"), what="children to be reaped")
 
@@ -135,9 +120,9 @@ def test_idle_timeout(server_factory, server_flags):
     server = server_factory("--timeout", "0.5", *server_flags)
     client = Client(server.port)
     assert client.reply()[0] == 220
-    started = time.monotonic()
+    # The client's own 10 s socket timeout is the bound: a 421 4.4.2 can only be the timeout.
     code, lines = client.reply()
-    assert code == 421 and lines[0].startswith("421 4.4.2") and time.monotonic() - started < 5
+    assert code == 421 and lines[0].startswith("421 4.4.2")
     client.close()
 
 
@@ -157,8 +142,10 @@ def test_sigterm_finishes_the_message_in_progress(forking):
     code, lines = client.reply()
     assert code == 421 and lines[0].startswith("421 4.3.2")
     client.close()
-    assert forking.stop() == 0
-    assert len(entries(forking.spool)) == 1
+    # Its own exit after the one SIGTERM: stop() would send a second, which could land
+    # while the interpreter is finalising and turn the exit code into -15.
+    assert forking.proc.wait(15) == 0
+    assert len(entries_of(forking.spool)) == 1
 
 
 def test_sigterm_closes_idle_sessions_and_stops_accepting(forking):
@@ -185,7 +172,7 @@ def test_swaks_full_session(server):
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "<-  250 2.6.0" in result.stdout
-    [envelope] = entries(server.spool)
+    [(envelope, _)] = entries_of(server.spool)
     path = os.path.join(server.spool, envelope.id + ".msg")
     message = open(path, "rb").read()
     assert b"Subject: from swaks" in message and b"\r\n.leading dot\r\n" in message
@@ -200,4 +187,4 @@ def test_smtp_source_load(server, reuse):
             "127.0.0.1:%d" % server.port]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert len(entries(server.spool)) == 40
+    assert len(entries_of(server.spool)) == 40

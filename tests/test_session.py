@@ -9,8 +9,7 @@ import stat
 
 import pytest
 
-from conftest import Conversation, make_options, replies_of, spooled
-from netsmtp.envelope import Envelope
+from conftest import Conversation, entries_of, make_options, replies_of, spooled
 from netsmtp.replies import SMTPError
 from netsmtp.session import Session
 from netsmtp.spool import INCOMPLETE, Spool
@@ -18,13 +17,6 @@ from netsmtp.spool import INCOMPLETE, Spool
 HELLO = [b"EHLO client.test"]
 SENDER = HELLO + [b"MAIL FROM:<a@client.test>"]
 RECIPIENT = SENDER + [b"RCPT TO:<u@mx.test>"]
-
-
-def message_of(spool, index=0):
-    """(envelope, message bytes) of a spooled entry."""
-    envelope = Envelope.thaw(os.path.join(spool.path, spooled(spool)[index]))
-    with envelope.open() as f:
-        return envelope, f.read()
 
 
 def last(replies):
@@ -186,10 +178,21 @@ def test_parameters_need_ehlo(converse):
     assert converse.codes([b"HELO c.test", b"MAIL FROM:<a@client.test> SIZE=10"])[-1] == 555
 
 
-def test_unknown_parameter_reply_is_escaped(converse):
-    """A parameter name comes back in the 555 reply, never raw."""
-    lines = converse([*HELLO, b"MAIL FROM:<a@client.test> X-\x7fBAD"])[-1][1]
-    assert lines[0].startswith("501") or "\x7f" not in lines[0]
+def test_parameter_with_a_control_character_is_a_syntax_error(converse):
+    """A control character in a MAIL parameter fails the path grammar (501 5.1.7), so it is
+    never echoed; a well-formed unknown parameter is named in the 555."""
+    replies = converse([*HELLO, b"MAIL FROM:<a@client.test> X-\x7fBAD",
+                        b"MAIL FROM:<a@client.test> X-FOO=1"])
+    assert replies[2] == (501, ["501 5.1.7 Bad sender address syntax"])
+    assert replies[3] == (555, ["555 5.5.4 Unsupported parameter X-FOO"])
+
+
+def test_echoed_text_is_escaped(converse):
+    """Text a reply echoes (here VRFY's argument) reaches the client with its control
+    characters escaped, never raw."""
+    reply = converse([b"VRFY <\x1b[31m>"])[1]
+    assert reply == (252, ["252 2.1.5 Cannot VRFY <\\x1b[31m>; send mail to it and "
+                           "delivery will be attempted"])
 
 
 def test_rcpt_parameters_are_refused(converse):
@@ -261,7 +264,7 @@ def test_dot_stuffing_is_removed(converse, spool):
     """Leading dots are unstuffed (RFC 5321 section 4.5.2); the rest is byte-exact."""
     body = b"Subject: dots\r\n\r\n..one\r\n...two\r\n.\xc3\xa9\r\nmid.dle\r\n"
     converse(RECIPIENT + [b"DATA", body + b"."])
-    envelope, message = message_of(spool)
+    envelope, message = entries_of(spool)[0]
     assert message.endswith(b"\r\n\r\n.one\r\n..two\r\n\xc3\xa9\r\nmid.dle\r\n")
     assert envelope.recipients == ["u@mx.test"] and envelope.sender == "a@client.test"
 
@@ -269,7 +272,7 @@ def test_dot_stuffing_is_removed(converse, spool):
 def test_empty_message(converse, spool):
     """A message of no lines at all is accepted (the terminator right after 354)."""
     assert converse.codes(RECIPIENT + [b"DATA", b"."])[-1] == 250
-    assert message_of(spool)[1].startswith(b"Received: ")
+    assert entries_of(spool)[0][1].startswith(b"Received: ")
 
 
 def test_message_over_size_limit(tmp_path):
@@ -319,7 +322,7 @@ def test_two_messages_in_one_session(converse, spool):
 
 def received_of(spool):
     """The first header field of the spooled message, folded lines included."""
-    lines = message_of(spool)[1].split(b"\r\n")
+    lines = entries_of(spool)[0][1].split(b"\r\n")
     end = next(i for i, line in enumerate(lines[1:], 1) if not line.startswith(b"\t"))
     return b"\r\n".join(lines[:end]).decode()
 
@@ -329,7 +332,7 @@ def test_received_header(converse, spool):
     converse([b"EHLO [10.9.9.9]", b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@mx.test>",
               b"DATA", b"Subject: r\r\n\r\nx\r\n."])
     header = received_of(spool)
-    envelope = message_of(spool)[0]
+    envelope = entries_of(spool)[0][0]
     assert header.startswith("Received: from [10.9.9.9] ([192.0.2.1])\r\n")
     assert "\tby mx.test (netsmtp) with ESMTP id %s\r\n" % envelope.id in header
     assert "\tfor <u@mx.test>;\r\n" in header
@@ -355,7 +358,7 @@ def test_client_text_cannot_inject_a_header(converse, spool):
     """Only Received and the client's own message lines are in the entry."""
     converse([b"EHLO evil.test\rX-Injected:1", b"EHLO ok.test", b"MAIL FROM:<a@client.test>",
               b"RCPT TO:<u@mx.test>", b"DATA", b"Subject: s\r\n\r\nx\r\n."])
-    message = message_of(spool)[1]
+    message = entries_of(spool)[0][1]
     assert b"X-Injected" not in message and message.count(b"Received:") == 1
 
 
@@ -489,7 +492,7 @@ def test_check_mail_from_refusal(strict):
 def test_check_rcpt_to_can_replace_the_recipient(strict, spool):
     """A list from check_rcpt_to delivers to those addresses instead."""
     strict(SENDER + [b"RCPT TO:<staff@mx.test>", b"DATA", b"Subject: s\r\n\r\nx\r\n."])
-    assert message_of(spool)[0].recipients == ["ann@mx.test", "bob@mx.test"]
+    assert entries_of(spool)[0][0].recipients == ["ann@mx.test", "bob@mx.test"]
 
 
 def test_check_message_refusal_keeps_nothing(strict, spool):

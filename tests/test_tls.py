@@ -11,35 +11,19 @@ import time
 
 import pytest
 
-from conftest import ROOT, client_context, need_tool, replies_of, spooled
-from netsmtp.spool import Spool
+from conftest import ROOT, client_context, need_tool, only_entry, read_reply, replies_of
 
 SERVERS = {"fork": ["--workers", "0"], "prefork": ["--workers", "1"]}
+
+
+def keywords(reply):
+    """The EHLO keywords of a (code, lines) reply."""
+    return [line[4:] for line in reply[1][1:]]
 
 
 def tls_server(server_factory, tls_files, *args):
     _, cert, key = tls_files
     return server_factory("--tls-cert", cert, "--tls-key", key, *args)
-
-
-def read_reply(sock):
-    """Read one whole (possibly multi-line) reply from a raw socket."""
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
-        if re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n$", data):
-            return data
-
-
-def message_of(server):
-    spool = Spool(server.spool)
-    names = spooled(spool)
-    assert len(names) == 1, names
-    with open(os.path.join(spool.path, names[0]), "rb") as f:
-        return f.read()
 
 
 @pytest.mark.parametrize("kind", SERVERS)
@@ -56,7 +40,7 @@ def test_starttls_with_smtplib(server_factory, tls_files, kind):
         assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
         client.sendmail("a@client.test", ["u@mx.test"], b"Subject: tls\r\n\r\nhi\r\n")
     assert server.stop() == 0
-    header = message_of(server).split(b"\n", 1)[1].split(b"\r\n\r\n")[0].decode()
+    header = only_entry(server.spool)[1].split(b"\r\n\r\n")[0].decode()
     assert " with ESMTPS id " in header
     assert re.search(r"\(using TLSv1\.[23] with cipher \S+ \(\d+ bits\)\)", header)
 
@@ -72,7 +56,7 @@ def test_swaks_starttls(server_factory, tls_files):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "<-  220 2.0.0 Ready to start TLS" in result.stdout
     assert "<~  250 2.6.0" in result.stdout
-    assert b"with ESMTPS" in message_of(server)
+    assert b"with ESMTPS" in only_entry(server.spool)[1]
 
 
 def test_pipelined_plaintext_is_never_executed_inside_tls(server_factory, tls_files):
@@ -80,11 +64,11 @@ def test_pipelined_plaintext_is_never_executed_inside_tls(server_factory, tls_fi
     first reply inside TLS answers the client's EHLO."""
     server = tls_server(server_factory, tls_files)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        assert read_reply(raw).startswith(b"220 ")
+        assert read_reply(raw)[1][0].startswith("220 ")
         raw.sendall(b"EHLO client.test\r\n")
-        assert b"STARTTLS" in read_reply(raw)
+        assert "STARTTLS" in keywords(read_reply(raw))
         raw.sendall(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@client.test>\r\n")
-        assert read_reply(raw) == b"220 2.0.0 Ready to start TLS\r\n"
+        assert read_reply(raw) == (220, ["220 2.0.0 Ready to start TLS"])
         with client_context(tls_files[0]).wrap_socket(raw, server_hostname="mx.test") as tls:
             tls.sendall(b"EHLO client.test\r\nQUIT\r\n")
             data = b""
@@ -101,18 +85,18 @@ def test_starttls_sequence(server_factory, tls_files):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
         read_reply(raw)
         raw.sendall(b"STARTTLS\r\n")
-        assert read_reply(raw).startswith(b"503 5.5.1")
+        assert read_reply(raw)[1][0].startswith("503 5.5.1")
         raw.sendall(b"EHLO client.test\r\n")
         read_reply(raw)
         raw.sendall(b"STARTTLS now\r\n")
-        assert read_reply(raw).startswith(b"501 5.5.2")
+        assert read_reply(raw)[1][0].startswith("501 5.5.2")
         raw.sendall(b"STARTTLS\r\n")
-        assert read_reply(raw).startswith(b"220 2.0.0")
+        assert read_reply(raw)[1][0].startswith("220 2.0.0")
         with client_context(tls_files[0]).wrap_socket(raw, server_hostname="mx.test") as tls:
             tls.sendall(b"EHLO client.test\r\n")
-            assert b"STARTTLS" not in read_reply(tls)
+            assert "STARTTLS" not in keywords(read_reply(tls))
             tls.sendall(b"STARTTLS\r\n")
-            assert read_reply(tls).startswith(b"503 5.5.1")
+            assert read_reply(tls)[1][0].startswith("503 5.5.1")
 
 
 def after_starttls(port):
@@ -122,7 +106,7 @@ def after_starttls(port):
     raw.sendall(b"EHLO client.test\r\n")
     read_reply(raw)
     raw.sendall(b"STARTTLS\r\n")
-    assert read_reply(raw).startswith(b"220 2.0.0")
+    assert read_reply(raw)[1][0].startswith("220 2.0.0")
     return raw
 
 
@@ -147,9 +131,8 @@ def test_handshake_timeout(server_factory, tls_files):
     """A client that says STARTTLS and then nothing is dropped after --tls-timeout."""
     server = tls_server(server_factory, tls_files, "--tls-timeout", "0.5")
     with after_starttls(server.port) as raw:
-        started = time.monotonic()
+        # Closed before the client's own 10 s socket timeout, with nothing sent.
         assert raw.recv(4096) == b""
-        assert time.monotonic() - started < 5
     server.stop()
     assert "TLS handshake failed" in server.output()
 
@@ -162,7 +145,7 @@ def test_tls_on_connect(server_factory, tls_files):
         client.ehlo("client.test")
         assert not client.has_extn("starttls")
         client.sendmail("a@client.test", ["u@mx.test"], b"Subject: 465\r\n\r\nhi\r\n")
-    assert b"with ESMTPS" in message_of(server)
+    assert b"with ESMTPS" in only_entry(server.spool)[1]
 
 
 def test_tls_on_connect_needs_a_certificate(tmp_path):
@@ -265,16 +248,16 @@ def test_stdin_socket_offers_starttls(tmp_path, tls_files):
     theirs.close()
     with ours:
         ours.settimeout(10)
-        assert read_reply(ours).startswith(b"220 ")
+        assert read_reply(ours)[1][0].startswith("220 ")
         ours.sendall(b"EHLO client.test\r\n")
-        assert b"250 STARTTLS\r\n" in read_reply(ours)
+        assert "250 STARTTLS" in read_reply(ours)[1]
         ours.sendall(b"STARTTLS\r\n")
-        assert read_reply(ours).startswith(b"220 2.0.0")
+        assert read_reply(ours)[1][0].startswith("220 2.0.0")
         with client_context(ca).wrap_socket(ours, server_hostname="mx.test") as tls:
             tls.sendall(b"EHLO client.test\r\n")
-            assert b"STARTTLS" not in read_reply(tls)
+            assert "STARTTLS" not in keywords(read_reply(tls))
             tls.sendall(b"QUIT\r\n")
-            assert read_reply(tls).startswith(b"221 ")
+            assert read_reply(tls)[1][0].startswith("221 ")
     assert proc.wait(10) == 0
 
 
