@@ -9,7 +9,6 @@ defence written here holds in every server mode.
 
 import logging
 import os
-import select
 import socket
 import stat
 
@@ -23,41 +22,6 @@ log = logging.getLogger(__name__)
 # Where --stdin finds the client address when fd 0 is no TCP socket, in this
 # order: tcpserver, xinetd and stunnel, socat.
 ADDRESS_VARIABLES = ("TCPREMOTEIP", "REMOTE_HOST", "SOCAT_PEERADDR")
-
-
-class PipeReader:
-    """read1() on a pipe with an idle timeout, as a socket timeout gives."""
-
-    def __init__(self, fd, timeout):
-        self.fd = fd
-        self.timeout = timeout
-
-    def read1(self, size):
-        ready, _, _ = select.select([self.fd], [], [], self.timeout)
-        if not ready:
-            raise TimeoutError("idle timeout")
-        return os.read(self.fd, size)
-
-
-class PipeWriter:
-    """write() to a pipe with a timeout, so a client that stops reading ends the session."""
-
-    def __init__(self, fd, timeout):
-        self.fd = fd
-        self.timeout = timeout
-
-    def write(self, data):
-        # A pipe select() calls writable has room for PIPE_BUF octets, so
-        # writes of at most that much never block.
-        view = memoryview(data)
-        while view:
-            _, ready, _ = select.select([], [self.fd], [], self.timeout)
-            if not ready:
-                raise TimeoutError("write timeout")
-            view = view[os.write(self.fd, view[:select.PIPE_BUF]):]
-
-    def flush(self):
-        pass
 
 
 class Connection:
@@ -104,8 +68,8 @@ class Connection:
         if stat.S_ISSOCK(os.fstat(0).st_mode):
             connection = cls.from_socket(socket.socket(fileno=os.dup(0)), options)
         else:
-            connection = cls(PipeTransport(0), PipeReader(0, options.timeout),
-                             PipeWriter(1, options.timeout), None, "unknown")
+            transport = PipeTransport(0, 1, options.timeout)
+            connection = cls(transport, *transport.files(), None, "unknown")
         if connection.peer is None:
             connection.peer, connection.source = address_from(environ)
         if connection.peer is None:

@@ -1,21 +1,20 @@
 """Admission control: refuse a connection before a session is spent on it.
 
-A server asks admit(peer) when a connection arrives: None lets it in, a
-reason refuses it, and the server then sends refusal(options, reason) (421
-4.7.0) and closes.  Every admitted connection is given back with
-release(peer) when its session ends.  Four limits, each off when unset:
+The connection path (netsmtp.connection) asks each gate admit(peer) when a
+connection arrives: None lets it in, a reason refuses it with
+refusal(options, reason) (421 4.7.0).  Every admitted connection is given
+back with release(peer) when its session ends.  Four limits:
 
   conn_rate_limit          new sessions per client address, N per SECONDS
   conn_rate_total          new sessions in total, N per SECONDS
-  max_sessions_per_client  concurrent sessions per client address
+  max_sessions_per_client  concurrent sessions per client (per_client_cap())
   max_sessions             concurrent sessions in total
 
-Limits keeps its counts in memory for a server that sees every connection
-in one process (the forking server's parent).  SharedLimits keeps them in a
-JSON file under a filelock, for servers whose sessions run in separate
-processes that share nothing else (inetd's processes, prefork workers); a
-session there is its process id, and the entries of dead processes expire.
-FailureLog counts failed AUTH attempts per client in the same way.
+SessionTable counts the sessions of a forking or prefork server in memory
+its processes share.  SharedLimits keeps counts in files in SPOOL/locks,
+for the rates and for --stdin processes that share nothing else; Limits is
+the same in one process's memory.  FailureLog counts failed AUTH attempts
+per client and user, and AuthInProgress lets a client run one AUTH at once.
 """
 
 import fcntl
@@ -31,8 +30,9 @@ from .replies import format_reply
 
 log = logging.getLogger(__name__)
 
-MAX_TRACKED = 100_000  # rate entries kept at most; the oldest go first
-LOCK_TIMEOUT = 5.0  # seconds; past it a session is let in rather than hung
+GRACE = 0.5  # seconds a connection over max_sessions waits for a session to end
+MAX_TRACKED = 100_000  # keys kept at most by KeyedTimes; the oldest go first
+LOCK_TIMEOUT = 5.0  # seconds; past it admission and AUTH fail closed
 
 
 def client_key(peer):
@@ -113,8 +113,9 @@ class SessionTable:
 
     KEY_SIZE = 48  # octets of a client key: "ffff:...:ffff::/64" is 24
 
-    def __init__(self, options, slots):
+    def __init__(self, options, slots, grace=0.0):
         self.slots = slots
+        self.grace = grace
         self.max_total = options.max_sessions
         self.max_per_client = per_client_cap(options)
         self.options = options
@@ -133,7 +134,19 @@ class SessionTable:
                 for i in range(self.slots)]
 
     def admit(self, peer):
-        """None when a session from peer may start in this process's slot, else why not."""
+        """None when a session from peer may start in this process's slot, else why not.
+
+        Over max_sessions it waits up to grace seconds for a session to end
+        first, so a client arriving just as another leaves is not refused.
+        """
+        deadline = time.monotonic() + self.grace
+        while True:
+            reason = self.try_admit(peer)
+            if reason != "too many sessions" or time.monotonic() >= deadline:
+                return reason
+            time.sleep(0.02)
+
+    def try_admit(self, peer):
         key = client_key(peer).encode("utf-8", "replace")[:self.KEY_SIZE]
         fcntl.lockf(self.lock_file, fcntl.LOCK_EX)
         try:
@@ -226,34 +239,92 @@ class Limits:
 
 
 class SharedState:
-    """A small JSON document in a file, changed under a filelock."""
+    """A small JSON document in SPOOL/locks, changed under a filelock.
 
-    def __init__(self, path):
+    valid(doc) says whether a loaded document has the expected shape; one
+    that does not parse or is not valid is replaced with fresh() and logged,
+    so a corrupt file never stops admission or AUTH.  The new version is
+    written to a temporary file created with O_EXCL and O_NOFOLLOW and
+    renamed into place.  OSError (a full or read-only disk, a lock busy for
+    LOCK_TIMEOUT) reaches the caller, which fails closed.
+    """
+
+    def __init__(self, path, fresh=dict, valid=lambda doc: isinstance(doc, dict)):
         self.path = path
+        self.fresh = fresh
+        self.valid = valid
+
+    def load(self):
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return self.fresh()
+        try:
+            with os.fdopen(fd, encoding="utf-8") as f:
+                doc = json.load(f)
+            if self.valid(doc):
+                return doc
+        except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
+            pass
+        log.warning("%s: corrupt, replaced with a fresh one", self.path)
+        return self.fresh()
+
+    def save(self, doc):
+        tmp = "%s.%d.tmp" % (self.path, os.getpid())
+        try:
+            os.unlink(tmp)  # left by a killed process of the same id, or planted
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, separators=(",", ":"))
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def update(self, change):
         """Load the document, call change(doc) -> result, save it; return result."""
         from filelock import FileLock, Timeout
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         try:
-            with FileLock(self.path + ".lock", timeout=LOCK_TIMEOUT):
-                try:
-                    with open(self.path, encoding="utf-8") as f:
-                        doc = json.load(f)
-                except (OSError, ValueError):
-                    doc = {}
+            with FileLock(self.path + ".lock", timeout=LOCK_TIMEOUT, mode=0o600):
+                doc = self.load()
                 result = change(doc)
-                tmp = "%s.%d" % (self.path, os.getpid())
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(doc, f, separators=(",", ":"))
-                os.replace(tmp, self.path)
+                self.save(doc)
                 return result
         except Timeout:
-            log.warning("%s: lock busy for %ss, limits skipped", self.path, LOCK_TIMEOUT)
-            return None
+            raise TimeoutError("%s: lock busy for %ss" % (self.path, LOCK_TIMEOUT)) from None
 
 
-def _alive(pid):
+def boot_id():
+    """This boot's id (Linux), or "" where the kernel does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_id(pid):
+    """pid with its start time ("1234:56789"): a reused pid is another process."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            # Field 2 (comm) may hold spaces and ")": count after the last ")".
+            return "%d:%s" % (pid, f.read().rsplit(b")", 1)[1].split()[19].decode())
+    except (OSError, IndexError):
+        return "%d:" % pid
+
+
+def _alive(session):
+    """True while the process a process_id() names is running."""
+    pid = int(session.partition(":")[0])
+    if os.path.isdir("/proc/self"):
+        return process_id(pid) == session
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -263,64 +334,187 @@ def _alive(pid):
     return True
 
 
-class SharedLimits(Limits):
-    """Limits shared by processes through spool/locks/limits.json.
+def _numbers(values):
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in values)
 
-    Each admitted session is recorded as this process's id; admit() drops
-    the sessions of processes that have died, so a killed process cannot
-    hold a slot for ever.  One process serves one session at a time.
+
+class KeyedTimes:
+    """Recent event times per key, spread over SHARDS JSON files in SPOOL/locks.
+
+    An update loads and rewrites one shard, so its cost stays bounded however
+    many keys are tracked; past MAX_TRACKED keys in all, the keys whose last
+    event is oldest go first, never everyone's.  Times are wall-clock
+    seconds, valid across a reboot; times in the future are dropped.
     """
 
-    def __init__(self, options, clock=time.monotonic, sessions=True):
+    SHARDS = 64
+
+    def __init__(self, spool_path, name, window):
+        self.directory = os.path.join(spool_path, "locks")
+        self.name = name
+        self.window = window
+
+    def state(self, key):
+        import hashlib
+        shard = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big")
+        path = os.path.join(self.directory, "%s.%02d.json" % (self.name, shard % self.SHARDS))
+        return SharedState(path, valid=lambda doc: isinstance(doc, dict) and all(
+            isinstance(k, str) and _numbers(v) for k, v in doc.items()))
+
+    def update(self, keys, add, now=None):
+        """Prune the keys' times, add now to each when add; returns the most recent counts."""
+        now = time.time() if now is None else now
+        counts = []
+        for key in keys:
+            def change(doc, key=key):
+                times = [t for t in doc.get(key, ()) if now - self.window < t <= now + 1]
+                if add:
+                    times = (times + [now])[-MAX_EVENTS:]
+                if times:
+                    doc[key] = times
+                else:
+                    doc.pop(key, None)
+                excess = len(doc) - MAX_TRACKED // self.SHARDS
+                if excess > 0:
+                    for old in sorted(doc, key=lambda k: doc[k][-1])[:excess]:
+                        if old != key:
+                            del doc[old]
+                return len(times)
+            counts.append(self.state(key).update(change))
+        return max(counts, default=0)
+
+
+MAX_EVENTS = 100  # event times kept per key
+
+
+class SharedLimits(Limits):
+    """Limits shared by processes through files in SPOOL/locks.
+
+    limits.json holds the running sessions (by process_id(), so a reused pid
+    never counts) and the starts of the total rate, with the boot id: a file
+    from before a reboot is reset, for its processes are gone.  The starts
+    per client go to KeyedTimes shards.  One process serves one session at a
+    time.
+    """
+
+    def __init__(self, options, clock=time.time, sessions=True):
         super().__init__(options, clock, sessions)
-        self.state = SharedState(os.path.join(options.spool, "locks", "limits.json"))
+        locks = os.path.join(options.spool, "locks")
+        self.boot = boot_id()
+        self.state = SharedState(os.path.join(locks, "limits.json"), fresh=self.fresh,
+                                 valid=self.valid)
+        window = self.per_client_rate[1] if self.per_client_rate else 1.0
+        self.per_client = KeyedTimes(options.spool, "limits", window)
+
+    def fresh(self):
+        return {"boot": self.boot, "sessions": {}, "starts": []}
+
+    def valid(self, doc):
+        if not (isinstance(doc, dict) and isinstance(doc.get("sessions"), dict)
+                and _numbers(doc.get("starts")) and isinstance(doc.get("boot"), str)
+                and all(isinstance(v, str) for v in doc["sessions"].values())):
+            return False
+        if doc["boot"] != self.boot:
+            log.info("%s: from another boot, reset", self.state.path)
+            return False
+        return True
 
     def admit(self, peer):
+        key, now, me = client_key(peer), self.clock(), process_id(os.getpid())
+
         def change(doc):
-            self.starts = doc.get("starts", [])
-            pids = {int(pid): key for pid, key in doc.get("sessions", {}).items()}
-            pids = {pid: key for pid, key in pids.items() if _alive(pid)}
-            self.sessions = {}
-            for key in pids.values():
-                self.sessions[key] = self.sessions.get(key, 0) + 1
-            reason = Limits.admit(self, peer)
+            doc["sessions"] = sessions = {
+                s: k for s, k in doc["sessions"].items() if s != me and _alive(s)}
+            seconds = self.total_rate[1] if self.total_rate else 0
+            doc["starts"] = starts = [t for t in doc["starts"] if now - seconds < t <= now + 1]
+            reason = None
+            if self.max_total and len(sessions) >= self.max_total:
+                reason = "too many sessions"
+            elif (self.max_per_client and not exempt(self.options, peer)
+                  and list(sessions.values()).count(key) >= self.max_per_client):
+                reason = "too many sessions from your address"
+            elif self.total_rate and len(starts) >= self.total_rate[0]:
+                reason = "too many new sessions, slow down"
             if reason is None:
-                pids[os.getpid()] = client_key(peer)
-            doc["starts"] = self.starts
-            doc["sessions"] = {str(pid): key for pid, key in pids.items()}
+                sessions[me] = key
+                if self.total_rate:
+                    starts.append(now)
             return reason
-        return self.state.update(change)
+        reason = None
+        if self.max_total or self.max_per_client or self.total_rate:
+            reason = self.state.update(change)
+        if reason is None and self.per_client_rate:
+            count = self.per_client.update([key], add=True, now=now)
+            if count > self.per_client_rate[0]:
+                reason = "too many new sessions from your address, slow down"
+                self.release(peer)
+        if reason is not None:
+            log.info("%s: connection refused: %s", key, reason)
+        return reason
 
     def release(self, peer):
-        def change(doc):
-            doc.get("sessions", {}).pop(str(os.getpid()), None)
-        self.state.update(change)
+        if self.max_total or self.max_per_client or self.total_rate:
+            me = process_id(os.getpid())
+            self.state.update(lambda doc: doc["sessions"].pop(me, None))
 
 
 class FailureLog:
-    """Recent failed AUTH attempts per client, shared through a file in the spool.
+    """Recent failed AUTH attempts per client and per user name, shared in SPOOL/locks.
 
     A success does not wipe the record: an attacker holding one account must
-    not be able to reset the slow-down of its guesses at the others.
+    not be able to reset the slow-down of its guesses at the others.  Every
+    method may raise OSError when the log cannot be written; AUTH then
+    fails closed.
     """
 
     def __init__(self, spool_path, window=3600.0, clock=time.time):
-        self.state = SharedState(os.path.join(spool_path, "locks", "auth-failures.json"))
-        self.window = window
+        self.times = KeyedTimes(spool_path, "auth-failures", window)
         self.clock = clock
 
-    def record(self, peer):
-        """Count one failure of peer; returns its failures within the window."""
-        key, now = client_key(peer), self.clock()
+    @staticmethod
+    def keys(peer, user=None):
+        keys = ["client " + client_key(peer)]
+        if user:
+            keys.append("user " + user[:256])
+        return keys
 
-        def change(doc):
-            for client in list(doc):
-                doc[client] = [t for t in doc[client] if t > now - self.window]
-                if not doc[client]:
-                    del doc[client]
-            if len(doc) >= MAX_TRACKED:
-                doc.clear()
-            doc.setdefault(key, []).append(now)
-            del doc[key][:-100]
-            return len(doc[key])
-        return self.state.update(change) or 1
+    def recent(self, peer, user=None):
+        """The failures of the last window for peer or user, whichever has more."""
+        return self.times.update(self.keys(peer, user), add=False, now=self.clock())
+
+    def record(self, peer, user=None):
+        """Count one failure of peer (and user); returns the recent failures."""
+        return self.times.update(self.keys(peer, user), add=True, now=self.clock())
+
+
+class AuthInProgress:
+    """Held while a session runs an AUTH exchange, so one client runs one at a time.
+
+    A POSIX byte-range lock on SPOOL/locks/auth.lock at an offset given by
+    the client key: O(1), one file, and freed by the kernel when the process
+    ends however it ends.  acquire() is False when another process holds it.
+    """
+
+    def __init__(self, spool_path, peer):
+        import hashlib
+        self.path = os.path.join(spool_path, "locks", "auth.lock")
+        digest = hashlib.blake2b(client_key(peer).encode(), digest_size=7).digest()
+        self.offset = int.from_bytes(digest, "big")
+        self.fd = None
+
+    def acquire(self):
+        """True once held; raises OSError when the lock file cannot be opened."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.offset)
+        except OSError:
+            self.release()
+            return False
+        return True
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None

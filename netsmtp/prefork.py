@@ -26,7 +26,7 @@ import struct
 import time
 
 from .connection import Connection, serve
-from .limits import SessionTable, SharedLimits, rates_configured, refuse_connection
+from .limits import GRACE, SessionTable, SharedLimits, rates_configured, refuse_connection
 from .server import stop_signals
 from .session import Session
 
@@ -90,6 +90,7 @@ class PreforkServer:
         self.status_read, self.status_write = os.pipe()
         os.set_blocking(self.status_read, False)
         pending = b""
+        waiting_since = None  # when a connection began to wait with every worker busy
         try:
             with stop_signals(self) as wake:
                 # A worker's exit wakes the loop too, through the same fd.
@@ -97,16 +98,26 @@ class PreforkServer:
                 while not self.stop_requested:
                     self.reap()
                     self.adjust()
-                    watched = [self.status_read, wake]
-                    if self.saturated():
+                    watched, timeout = [self.status_read, wake], 1.0
+                    if self.saturated() and waiting_since is None:
                         watched.append(self.socket)
-                    ready, _, _ = select.select(watched, [], [], 1.0)
+                    elif self.saturated():
+                        timeout = max(0.0, waiting_since + GRACE - time.monotonic())
+                    ready, _, _ = select.select(watched, [], [], timeout)
                     if wake in ready:
                         os.read(wake, 512)
                     if self.status_read in ready:
                         pending = self.read_status(pending)
-                    if self.socket in ready and self.saturated():
+                    # A connection no worker can take waits GRACE seconds for
+                    # one to finish its session, then the master refuses it.
+                    if not self.saturated():
+                        waiting_since = None
+                    elif waiting_since is None:
+                        if self.socket in ready:
+                            waiting_since = time.monotonic()
+                    elif time.monotonic() >= waiting_since + GRACE:
                         self.refuse_waiting()
+                        waiting_since = None
         finally:
             self.stop()
 

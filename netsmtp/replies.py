@@ -36,7 +36,7 @@ REPLIES = MappingProxyType({
     "451 4.3.0": "Local error in processing, try again later",
     "452 4.3.1": "Insufficient system storage, try again later",
     "452 4.5.3": "Too many recipients",
-    "454 4.7.0": "TLS not available",
+    "454 4.7.0": "%s",  # TLS not available, or AUTH cannot be run now (RFC 4954 section 6)
     "500 5.5.0": "Line too long (limit %d octets)",
     "500 5.5.2": "Command not recognized",
     "501 5.1.3": "Bad recipient address syntax",

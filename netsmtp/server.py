@@ -9,7 +9,7 @@ import socket
 import socketserver
 
 from .connection import Connection, serve
-from .limits import SessionTable, SharedLimits, rates_configured, refuse_connection
+from .limits import GRACE, SessionTable, SharedLimits, rates_configured, refuse_connection
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,14 @@ class ForkingServer(socketserver.ForkingTCPServer):
         self.spool = spool
         self.session_class = session_class
         self.request_queue_size = options.backlog
-        # One slot per session: a connection with no free slot is refused
-        # with a 421 at once; socketserver would block in waitpid() at
-        # max_children instead, with connections piling up in the backlog.
-        slots = options.max_sessions or DEFAULT_SLOTS
+        # A slot per child; twice max_sessions, so children still exiting
+        # after their session do not hold up new ones (the table counts
+        # only running sessions).  With no free slot the connection is
+        # refused with a 421 at once; socketserver would block in waitpid()
+        # at max_children instead, with connections piling up in the backlog.
+        slots = 2 * options.max_sessions or DEFAULT_SLOTS
         self.max_children = slots + 1
-        self.table = SessionTable(options, slots)
+        self.table = SessionTable(options, slots, grace=GRACE)
         self.free_slots = list(range(slots - 1, -1, -1))
         self.slot_of = {}  # child pid -> its slot in self.table
         self.admission = [self.table]

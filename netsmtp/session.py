@@ -23,9 +23,9 @@ COMMAND_LINE_LIMIT = 512
 LINE_LIMITS = {"MAIL": COMMAND_LINE_LIMIT + 600, "AUTH": 12288}
 LONGEST_LINE = max(LINE_LIMITS.values())
 OUTPUT_LIMIT = 64 * 1024  # queued reply octets before they are written anyway
-FREE_ERRORS = 3  # refusals before the tarpit's delay starts
-MAX_ERROR_DELAY = 10.0  # seconds; the tarpit's delay stops growing here
-MAX_AUTH_DELAY = 30.0  # seconds; the delay of a failed AUTH stops growing here
+MAX_AUTH_DELAY = 30.0  # seconds; the AUTH delay of a client with failures stops growing here
+PAUSE_READ_LIMIT = 64 * 1024  # octets a pause reads ahead while it watches for a hang-up
+TEMPORARY_AUTH_FAILURE = "Temporary authentication failure"  # RFC 4954 section 6
 # RFC 3030 section 2: "BDAT" SP chunk-size [SP "LAST"]; sizes as SIZE's 1*20DIGIT.
 MAX_CHUNK_DIGITS = 20
 
@@ -262,25 +262,45 @@ class Session(Policy):
             self.command_deadline = None
 
     def refuse(self, refusal):
-        """Send a refusal's reply; each costs a growing delay, too many close the session."""
+        """Send a refusal's reply; past the soft limit each waits, too many close the session."""
         log.info("%s: refused: %s", self.tag, refusal)
-        self.reply(refusal.key, *refusal.args_, lines=refusal.lines, replies=refusal.replies)
         if refusal.code >= 500:
             self.bad_commands += 1
             limit = self.options.max_bad_commands
             if limit and self.bad_commands >= limit:
                 log.info("%s: too many errors, closing", self.tag)
+                self.reply(refusal.key, *refusal.args_, lines=refusal.lines, replies=refusal.replies)
                 self.reply("421 4.7.0", self.options.hostname, "too many errors")
                 self.closing = True
-            elif self.bad_commands > FREE_ERRORS:
-                # The tarpit: a client that keeps erring gets ever slower answers.
-                self.pause(min(MAX_ERROR_DELAY, self.options.error_delay
-                               * (self.bad_commands - FREE_ERRORS)))
+                return
+            if self.bad_commands > self.options.soft_error_limit:
+                # The tarpit, flat as Postfix's smtpd_error_sleep_time: past the
+                # soft limit each refusal waits error_delay, never more.
+                self.pause(self.options.error_delay)
+        self.reply(refusal.key, *refusal.args_, lines=refusal.lines, replies=refusal.replies)
 
     def pause(self, seconds):
-        """Sleep before answering (tarpit, failed AUTH)."""
-        if seconds > 0:
-            time.sleep(seconds)
+        """Wait before answering (tarpit, AUTH delay); end the session if the client leaves.
+
+        The wait watches the connection: what the client sends meanwhile is
+        read ahead into the reader (up to PAUSE_READ_LIMIT octets), and its
+        end raises EOFError at once, so no worker sleeps for a client that
+        has hung up.  Without a transport (BytesIO tests) it just sleeps.
+        """
+        if seconds <= 0:
+            return
+        self.flush()  # what was answered before goes out now; the next answer waits
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self.transport is None or len(self.reader.buf) > PAUSE_READ_LIMIT:
+                time.sleep(remaining)
+                return
+            if self.transport.readable(remaining):
+                self.transport.read_timeout(self.options.timeout)
+                self.reader.fill(wait=False)  # EOFError when the client has closed
 
     def before_read(self):
         """Flush the replies before waiting for input, within the deadlines.
@@ -292,6 +312,8 @@ class Session(Policy):
         message already spooled, and the client would send it again.
         """
         idle, self.idle = self.idle, False
+        if self.transport is not None:
+            self.transport.read_timeout(self.options.timeout)  # writes get the full time
         try:
             self.flush()
         finally:
@@ -302,7 +324,13 @@ class Session(Policy):
         if self.session_deadline is not None and now > self.session_deadline:
             raise TimeoutError("session lasted over %ss" % self.options.session_timeout)
         if self.command_deadline is not None and now > self.command_deadline:
-            raise TimeoutError("command line took over %ss" % self.options.timeout)
+            raise TimeoutError("line took over %ss" % self.options.timeout)
+        if self.transport is not None:
+            # The read itself ends at the nearest deadline, not a whole
+            # idle timeout after it.
+            deadlines = [d for d in (self.session_deadline, self.command_deadline) if d]
+            self.transport.read_timeout(max(0.001, min(
+                [self.options.timeout] + [d - now for d in deadlines])))
 
     def reply(self, key, *args, lines=(), replies=None):
         """Queue a reply; it is written when the session next waits for input.
@@ -476,14 +504,58 @@ class Session(Policy):
             raise SMTPError("501 5.5.2", "invalid base64") from None
 
     def fail_auth(self, mechanism, user):
-        """Count a failure of this client and slow it down, then refuse."""
+        """Count a failure of this client and user, wait the delay, then refuse with 535."""
         from .limits import FailureLog
-        failures = FailureLog(self.options.spool).record(self.peer)
-        delay = min(MAX_AUTH_DELAY, self.options.auth_fail_delay * failures)
+        try:
+            failures = FailureLog(self.options.spool).record(self.peer, user)
+        except OSError as exc:
+            log.error("%s: AUTH %s for %s refused: cannot record the failure: %s",
+                      self.tag, mechanism, printable(user), printable(exc))
+            raise SMTPError("454 4.7.0", TEMPORARY_AUTH_FAILURE) from None
+        delay = self.auth_delay(failures)
         log.warning("%s: AUTH %s failed for %s (failure %d, delay %.1fs)",
                     self.tag, mechanism, printable(user), failures, delay)
         self.pause(delay)
         raise SMTPError("535 5.7.8")
+
+    def auth_delay(self, failures):
+        """Seconds an AUTH answer waits for a client or user with failures."""
+        return min(MAX_AUTH_DELAY, self.options.auth_fail_delay * failures)
+
+    def auth_exchange(self, name, mechanism, initial):
+        """Run one AUTH exchange to its answer; returns the user, or raises SMTPError.
+
+        The client runs one exchange at a time across all sessions (454 4.7.0
+        otherwise, a LOGIN waiting for the client included).  For a client or
+        user with failures of the last hour every answer waits, a success's
+        too, so hanging up early teaches a guesser nothing.  A failure log
+        that cannot be written refuses AUTH (454 4.7.0): never fail open.
+        """
+        from .limits import AuthInProgress, FailureLog
+        guard = AuthInProgress(self.options.spool, self.peer)
+        try:
+            held = guard.acquire()
+        except OSError as exc:
+            log.error("%s: AUTH refused: %s", self.tag, printable(exc))
+            raise SMTPError("454 4.7.0", TEMPORARY_AUTH_FAILURE) from None
+        if not held:
+            log.warning("%s: AUTH refused: another AUTH of this client is in progress", self.tag)
+            raise SMTPError("454 4.7.0", TEMPORARY_AUTH_FAILURE)
+        try:
+            user, password = mechanism(initial)
+            try:
+                failures = FailureLog(self.options.spool).recent(self.peer, user)
+            except OSError as exc:
+                log.error("%s: AUTH %s for %s refused: failure log: %s",
+                          self.tag, name, printable(user), printable(exc))
+                raise SMTPError("454 4.7.0", TEMPORARY_AUTH_FAILURE) from None
+            if not self.authenticate(user, password):
+                self.fail_auth(name, user)
+            if failures:
+                self.pause(self.auth_delay(failures))
+            return user
+        finally:
+            guard.release()
 
     # -- the verbs ----------------------------------------------------------
 
@@ -597,11 +669,20 @@ class Session(Policy):
         sink = self.start_message()
         try:  # from here on, whatever happens, close() drops an unfinished entry
             self.reply("354")
-            size, problem = self.reader.read_data(sink.write, self.options.max_size)
+            # Each line of text within options.timeout of the last, as a command line.
+            self.line_arrived()
+            try:
+                size, problem = self.reader.read_data(sink.write, self.options.max_size,
+                                                      self.line_arrived)
+            finally:
+                self.command_deadline = None
             self.end_message(sink, size, problem)
         finally:
             sink.writer.close()
             self.reset_transaction()
+
+    def line_arrived(self):
+        self.command_deadline = time.monotonic() + self.options.timeout
 
     def smtp_BDAT(self, arg):
         """A chunk of the message (RFC 3030); the LAST one ends it as DATA's dot does."""
@@ -740,7 +821,7 @@ class Session(Policy):
         except Exception as exc:  # TLSConfigError, OSError
             # RFC 3207 section 4: say 454 while the client may still go on.
             log.error("%s: STARTTLS: %s", self.tag, printable(exc))
-            raise SMTPError("454 4.7.0") from None
+            raise SMTPError("454 4.7.0", "TLS not available") from None
         self.reply("220 2.0.0")
         self.flush()
         self.reader.discard()
@@ -761,9 +842,7 @@ class Session(Policy):
         if name not in self.auth_mechanisms():
             raise SMTPError("504 5.5.4", name)
         mechanism = getattr(self, "auth_" + name.replace("-", "_"))
-        user, password = mechanism(initial.strip() or None)
-        if not self.authenticate(user, password):
-            self.fail_auth(name, user)
+        user = self.auth_exchange(name, mechanism, initial.strip() or None)
         self.auth_user, self.auth_mechanism = user, name
         log.info("%s: AUTH %s as %s", self.tag, name, printable(user))
         self.reply("235 2.7.0")

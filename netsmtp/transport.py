@@ -7,20 +7,65 @@ Servers pass one as Session(..., transport=...); BytesIO tests pass none, so
 their sessions neither pause nor offer STARTTLS.
 """
 
+import os
 import select
 import socket
 
 
+class PipeReader:
+    """read1() on a pipe with an idle timeout, as a socket timeout gives."""
+
+    def __init__(self, fd, timeout):
+        self.fd = fd
+        self.timeout = timeout
+
+    def read1(self, size):
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError("idle timeout")
+        return os.read(self.fd, size)
+
+
+class PipeWriter:
+    """write() to a pipe with a timeout, so a client that stops reading ends the session."""
+
+    def __init__(self, fd, timeout):
+        self.fd = fd
+        self.timeout = timeout
+
+    def write(self, data):
+        # A pipe select() calls writable has room for PIPE_BUF octets, so
+        # writes of at most that much never block.
+        view = memoryview(data)
+        while view:
+            _, ready, _ = select.select([], [self.fd], [], self.timeout)
+            if not ready:
+                raise TimeoutError("write timeout")
+            view = view[os.write(self.fd, view[:select.PIPE_BUF]):]
+
+    def flush(self):
+        pass
+
+
 class PipeTransport:
-    """A pipe on fd (inetd handing over a pipe): it can wait, never do TLS."""
+    """Pipes on fds (inetd handing over a pipe): they can wait, never do TLS."""
 
     can_tls = False
 
-    def __init__(self, fd):
-        self.fd = fd
+    def __init__(self, fd_in, fd_out, timeout):
+        self.fd = fd_in
+        self.reader = PipeReader(fd_in, timeout)
+        self.writer = PipeWriter(fd_out, timeout)
+
+    def files(self):
+        return self.reader, self.writer
+
+    def read_timeout(self, seconds):
+        """Bound the next read to seconds (a deadline closer than the idle timeout)."""
+        self.reader.timeout = seconds
 
     def readable(self, timeout):
-        """True when input arrives within timeout seconds."""
+        """True when input (or its end) arrives within timeout seconds."""
         ready, _, _ = select.select([self.fd], [], [], timeout)
         return bool(ready)
 
@@ -49,7 +94,12 @@ class SocketTransport:
     def files(self):
         return self.sock.makefile("rb"), self.sock.makefile("wb")
 
+    def read_timeout(self, seconds):
+        """Bound the next read to seconds (a deadline closer than the idle timeout)."""
+        self.sock.settimeout(seconds)
+
     def readable(self, timeout):
+        """True when input (or its end) arrives within timeout seconds."""
         pending = getattr(self.sock, "pending", None)
         if pending is not None and pending():
             return True

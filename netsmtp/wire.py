@@ -44,8 +44,10 @@ class LineReader:
         self.wait = wait
         self.buf = bytearray()
 
-    def fill(self):
-        self.wait()
+    def fill(self, wait=True):
+        """Read what the client sent into buf; wait=False skips the wait() hook."""
+        if wait:
+            self.wait()
         try:
             chunk = self.rfile.read1(READ_SIZE)
         except (TimeoutError, ConnectionError):
@@ -92,10 +94,11 @@ class LineReader:
             size -= len(piece)
             write(piece)
 
-    def read_data(self, write, max_size):
+    def read_data(self, write, max_size, line_done=lambda: None):
         """Read message text up to CRLF.CRLF, unstuffing dots (section 4.5.2).
 
-        write(chunk) gets the message in pieces while it is acceptable.
+        write(chunk) gets the message in pieces while it is acceptable;
+        line_done() is called whenever whole lines have arrived, refused or not.
         Returns (size, problem): the message size in octets and None, or a
         DataProblem reason, in which case the rest was read and dropped.
         """
@@ -112,6 +115,7 @@ class LineReader:
                 last = buf.rfind(b"\r\n")
                 cut = last + 2 if last >= 0 else 0
             if cut > 0:
+                line_done()
                 chunk = bytes(buf[:cut])
                 del buf[:cut]
                 if problem is None:

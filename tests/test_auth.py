@@ -179,20 +179,66 @@ def test_only_mechanism_methods_are_reachable(auth):
         assert auth.codes([*HELLO, b"AUTH " + name, b"NOOP"])[2:] == [504, 250], name
 
 
-def test_failures_are_counted_per_client_and_slowed(auth):
-    """Each failure of a client waits auth_fail_delay times its recent failures,
-    across sessions; another client is not slowed by them."""
-    auth.options = auth.options.replace(auth_fail_delay=0.1)
+@pytest.fixture
+def recorded(auth):
     auth.session_class = Recorded
-    pauses = []
+    auth.options = auth.options.replace(auth_fail_delay=1)
+    return auth
+
+
+def test_failures_are_counted_per_client_and_user_and_slowed(recorded, auth_file):
+    """Each failure waits auth_fail_delay times the recent failures of the client or the
+    user, across sessions; another client trying another user is not slowed."""
     for _ in range(3):
-        assert auth.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")])[-1] == 535
-        pauses.append(auth.session.pauses)
-    assert pauses == [pytest.approx((0.1,)), pytest.approx((0.2,)), pytest.approx((0.3,))]
-    auth.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")], peer="198.51.100.7")
-    assert auth.session.pauses == pytest.approx((0.1,))
-    assert auth.codes([*HELLO, b"AUTH PLAIN " + plain()])[-1] == 235
-    assert auth.session.pauses == ()
+        assert recorded.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")])[-1] == 535
+    assert recorded.session.pauses == (3,)
+    recorded.codes([*HELLO, b"AUTH PLAIN " + plain(user="bob", password="x")],
+                   peer="198.51.100.7")
+    assert recorded.session.pauses == (1,)
+    recorded.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")], peer="203.0.113.9")
+    assert recorded.session.pauses == (4,)  # alice's failures, from any address
+
+
+def test_every_answer_waits_after_failures(recorded):
+    """After three failures of the client even the right password is answered only after
+    the delay (3 x auth_fail_delay), so a guesser that hangs up early learns nothing;
+    before any failure there is no delay."""
+    assert recorded.codes([*HELLO, b"AUTH PLAIN " + plain()])[-1] == 235
+    assert recorded.session.pauses == ()
+    recorded.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")] * 3)
+    assert recorded.codes([*HELLO, b"AUTH PLAIN " + plain()])[-1] == 235
+    assert recorded.session.pauses == (3,)
+
+
+def test_auth_delay_is_capped_at_30_seconds(recorded):
+    """However many failures, no AUTH answer waits more than 30 s."""
+    recorded.options = recorded.options.replace(auth_fail_delay=20)
+    recorded.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")] * 2)
+    assert recorded.session.pauses == (20, 30)
+
+
+def test_unwritable_failure_log_refuses_auth(recorded, monkeypatch, caplog):
+    """A failure log that cannot be written (a full or read-only disk) refuses AUTH with
+    454 4.7.0, right password or wrong, and says so in the log: never fails open."""
+    def full(self, keys, add, now=None):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("netsmtp.limits.KeyedTimes.update", full)
+    replies = recorded([*HELLO, b"AUTH PLAIN " + plain(password="x"), b"AUTH PLAIN " + plain()])
+    assert [r[0] for r in replies[2:]] == [454, 454]
+    assert replies[2][1] == ["454 4.7.0 Temporary authentication failure"]
+    assert "No space left on device" in caplog.text
+
+
+def test_corrupt_failure_log_is_replaced(recorded, caplog):
+    """A corrupt shard of the failure log is replaced with a fresh one and logged."""
+    locks = os.path.join(recorded.options.spool, "locks")
+    os.makedirs(locks, exist_ok=True)
+    for shard in range(64):
+        with open(os.path.join(locks, "auth-failures.%02d.json" % shard), "w") as f:
+            f.write('{"client 192.0.2.1": "soon"')
+    assert recorded.codes([*HELLO, b"AUTH PLAIN " + plain(password="x")])[-1] == 535
+    assert recorded.session.pauses == (1,)
+    assert "corrupt, replaced with a fresh one" in caplog.text
 
 
 def test_secrets_are_never_logged(auth, caplog):

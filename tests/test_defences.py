@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, Recorded, make_options, read_reply, replies_of, spooled, wait_for
-from netsmtp.limits import Limits, SharedLimits, client_key
+from netsmtp.limits import Limits, SharedLimits, client_key, process_id
 from netsmtp.session import Session
 
 SERVERS = {"fork": ["--workers", "0"], "prefork": ["--workers", "2"]}
@@ -86,7 +86,7 @@ def test_shared_limits_forget_dead_processes(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                              stdin=subprocess.PIPE)
     state = SharedLimits(options).state
-    state.update(lambda doc: doc.setdefault("sessions", {}).update({str(child.pid): "192.0.2.1"}))
+    state.update(lambda doc: doc["sessions"].update({process_id(child.pid): "192.0.2.1"}))
     assert SharedLimits(options).admit("192.0.2.1") == "too many sessions from your address"
     child.communicate(b"")
     assert SharedLimits(options).admit("192.0.2.1") is None
@@ -175,20 +175,22 @@ def test_bad_command_budget_is_an_option(tmp_path):
     assert codes == [220, 500, 500, 500, 500, 421]
 
 
-def test_tarpit_delay_grows_with_errors(tmp_path):
-    """After three free refusals each one waits error_delay times the excess, up to a cap."""
-    _, session = conversation(tmp_path, [b"FROB"] * 3, session_class=Recorded, error_delay=0.2)
-    assert session.pauses == ()
-    _, session = conversation(tmp_path, [b"FROB"] * 6, session_class=Recorded, error_delay=0.1)
-    assert session.pauses == pytest.approx((0.1, 0.2, 0.3))
-    _, session = conversation(tmp_path, [b"FROB"] * 6, session_class=Recorded, error_delay=4)
-    assert session.pauses == (4, 8, 10)  # MAX_ERROR_DELAY
+def test_tarpit_is_flat_after_the_soft_error_limit(tmp_path):
+    """The defaults: ten refusals answered at once, then each waits --error-delay (1 s,
+    no growth), and the twentieth is followed by 421 4.7.0 and the end."""
+    codes, session = conversation(tmp_path, [b"FROB"] * 30, session_class=Recorded,
+                                  error_delay=1)
+    assert codes == [220] + [500] * 20 + [421]
+    assert session.pauses == (1,) * 9
+    _, session = conversation(tmp_path, [b"FROB"] * 6, session_class=Recorded,
+                              soft_error_limit=2, error_delay=0.5)
+    assert session.pauses == (0.5,) * 4
 
 
 def test_tarpit_really_waits(tmp_path):
-    """The default pause() sleeps: a refusal past the free three takes at least its delay."""
+    """The default pause() sleeps: a refusal past the soft limit takes at least its delay."""
     started = time.monotonic()
-    conversation(tmp_path, [b"FROB"] * 4, error_delay=0.1)
+    conversation(tmp_path, [b"FROB"] * 2, soft_error_limit=1, error_delay=0.1)
     assert time.monotonic() - started >= 0.1
 
 
