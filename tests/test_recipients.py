@@ -338,3 +338,19 @@ def test_a_bad_table_under_inetd_says_421_and_exits_2(tmp_path):
         cwd=ROOT, input=b"EHLO c.test\r\n", capture_output=True, timeout=60)
     assert result.returncode == 2
     assert result.stdout == b"421 4.3.0 mx.test service not available, try again later\r\n"
+
+
+def test_the_toml_key_recipients_names_the_table(tmp_path):
+    """recipients = "FILE" and recipient_delimiter in the config file work as the flags do."""
+    (tmp_path / "recipients").write_text(TABLE)
+    config = tmp_path / "netsmtp.toml"
+    config.write_text('recipients = "%s"\nrecipient_delimiter = "+"\nlocal_domains = %s\n' % (
+        tmp_path / "recipients", list(DOMAINS)))
+    args = [sys.executable, "-m", "netsmtp", "--config", str(config), "--spool",
+            str(tmp_path / "spool"), "--check-recipient"]
+    ok = subprocess.run(args + ["bob+x@example.com"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0 and "mailbox (entry bob@example.com)" in ok.stdout
+    refused = subprocess.run(args + ["carol@example.com"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 1

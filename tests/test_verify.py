@@ -297,3 +297,11 @@ def test_an_alias_to_a_remote_address_is_forwarded_once(tmp_path):
         assert len(smarthost.messages) == 1
         assert smarthost.delivered_to() == ["ann@bench.test", "far@elsewhere.example"]
         assert sum(c == "RCPT TO:<far@elsewhere.example>" for c in smarthost.commands) == 1
+
+
+def test_verify_recipients_needs_a_smarthost(tmp_path):
+    """--verify-recipients without --smarthost is a usage error: exit 2."""
+    result = subprocess.run([sys.executable, "-m", "netsmtp", "--verify-recipients",
+                             "--spool", str(tmp_path / "spool"), "--check-recipient", "a@b.test"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--verify-recipients needs --smarthost" in result.stderr
