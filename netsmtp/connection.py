@@ -37,6 +37,7 @@ class Connection:
         self.transport = transport
         self.rfile, self.wfile = rfile, wfile
         self.peer, self.source = peer, source
+        self.proxy = None  # the netsmtp.proxy.ProxyHeader the connection began with
 
     @classmethod
     def from_socket(cls, sock, options, peer=None):
@@ -81,6 +82,42 @@ class Connection:
                      connection.source)
         return connection
 
+    def take_proxy_header(self, options):
+        """--proxy-protocol: read the PROXY header; its source becomes the client.
+
+        Only a proxy in options.proxy_networks may send one; any other
+        source is closed unanswered.  The header is read off the socket (or
+        fd 0) before anything else, so nothing of the SMTP or TLS behind it
+        is consumed; an invalid one gets at most one 421 4.3.0 line (none
+        under implicit TLS, where the client expects a handshake).  A v2
+        LOCAL header (a health check) keeps the connection's own address and
+        marks the session so that it may not relay.  Returns False when the
+        connection must be closed.
+        """
+        from .address import in_networks
+        from .proxy import ProxyError, read_header
+        via = self.peer
+        tag = printable(via or "local")
+        if not in_networks(via, options.proxy_networks):
+            log.warning("%s: PROXY header expected from --proxy-networks only; closed", tag)
+            return False
+        sock = getattr(self.transport, "sock", None)
+        try:
+            header = read_header(sock if sock is not None else self.transport.fd,
+                                 options.proxy_timeout)
+        except ProxyError as exc:
+            log.warning("%s: invalid PROXY header, closed: %s", tag, printable(exc))
+            if not options.tls_on_connect:
+                self.send_now(format_reply("421 4.3.0", options.hostname))
+            return False
+        header.via = via
+        self.proxy = header
+        if not header.local:
+            self.peer, self.source = header.source[0], "PROXY v%d" % header.version
+        log.info("%s: %s (from proxy %s)", printable(self.peer or "local"),
+                 printable(header.describe()), tag)
+        return True
+
     def send_now(self, data):
         """Write data without ever blocking the server for long; errors are ignored."""
         sock = getattr(self.transport, "sock", None)
@@ -121,8 +158,12 @@ def serve(connection, options, spool, session_class, admission=(), stop_requeste
     Session, or None when the connection was refused; never raises for the
     client's sake, and never shows the client an exception.
     """
-    peer, admitted, session = connection.peer, [], None
+    admitted, session, peer = [], None, connection.peer
     try:
+        if options.proxy_protocol:
+            if not connection.take_proxy_header(options):
+                return None
+            peer = connection.peer  # so the limits count the client, not the proxy
         for gate in admission:
             reason = gate.admit(peer)
             if reason is not None:
@@ -130,9 +171,11 @@ def serve(connection, options, spool, session_class, admission=(), stop_requeste
                     connection.send_now(refusal(options, reason))
                 return None
             admitted.append(gate)
+        # proxy= only when there is one, so subclasses of older signatures still work.
+        extra = {"proxy": connection.proxy} if connection.proxy is not None else {}
         session = session_class(connection.rfile, connection.wfile, peer=peer,
                                 options=options, spool=spool,
-                                transport=connection.transport)
+                                transport=connection.transport, **extra)
         session.stop_on_signals()
         if stop_requested is not None and stop_requested():
             session.stopping = True

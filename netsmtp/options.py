@@ -242,6 +242,12 @@ SPEC = {opt.name: opt for opt in (
     Option("relay_networks", "127.0.0.0/8,::1", parse_networks,
            "comma-separated networks that may relay to any domain, or none; "
            "the word local stands for sessions with no client address"),
+    # The PROXY protocol (netsmtp.proxy): the client behind a load balancer.
+    Option("proxy_protocol", False, parse_bool,
+           "every connection starts with a PROXY v1 or v2 header (HAProxy, AWS NLB)"),
+    Option("proxy_networks", "127.0.0.0/8,::1", parse_networks,
+           "comma-separated networks the PROXY headers may come from; others are closed"),
+    Option("proxy_timeout", 5.0, parse_seconds, "seconds allowed for the PROXY header"),
     Option("max_size", 20_000_000, parse_int, "largest message accepted, in octets"),
     Option("max_recipients", 100, parse_int, "most recipients per message"),
     Option("timeout", 300.0, parse_seconds,

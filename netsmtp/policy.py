@@ -30,8 +30,8 @@ class Policy:
     --stdin with no address in its environment) may relay only when
     options.relay_networks holds the word "local".
 
-    Policy cannot run alone: its hooks read the session's options, peer and
-    auth_user, which Session sets.
+    Policy cannot run alone: its hooks read the session's options, peer, proxy
+    and auth_user, which Session sets.
 
     Class variables that may be overridden (the bounds of the message checks):
         max_header_fields      header fields in one message
@@ -159,6 +159,12 @@ class Policy:
             raise SMTPError("554 5.4.6", hops)
 
     def may_relay(self):
-        """True when this client may send to any domain."""
+        """True when this client may send to any domain.
+
+        A PROXY v2 LOCAL session (a load balancer's health check) has only
+        the proxy's own address, which must not lend it the proxy's rights.
+        """
+        if self.proxy is not None and self.proxy.local:
+            return False
         return self.auth_user is not None or in_networks(self.peer, self.options.relay_networks)
 

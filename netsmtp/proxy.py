@@ -74,9 +74,12 @@ class ProxyHeader:
     source       (address, port) of the client, or None when local
     destination  (address, port) the client connected to, or None
     tlvs         [(type, value bytes)] of a v2 header, in order
+    via          the address the header came from (the proxy), set by the
+                 connection that read it; None for a local one
     """
 
     def __init__(self, version, source=None, destination=None, tlvs=(), local=False):
+        self.via = None
         self.version = version
         self.source = source
         self.destination = destination

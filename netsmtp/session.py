@@ -44,6 +44,8 @@ class Session(Policy):
     the client's IP address as text, or None for a local session.  transport
     (netsmtp.transport) lets the session wait for input before its greeting
     and switch to TLS; without one it does neither and offers no STARTTLS.
+    proxy is the netsmtp.proxy.ProxyHeader the connection began with under
+    --proxy-protocol (peer is then its source), or None.
 
     Methods that may be overridden:
         check_client, check_helo, check_mail_from, check_rcpt_to,
@@ -81,10 +83,11 @@ class Session(Policy):
     predecessors = PREDECESSORS
 
     def __init__(self, rfile, wfile, peer=None, options=None, spool=None,
-                 transport=None, **settings):
+                 transport=None, proxy=None, **settings):
         self.options = options if options is not None else Options(**settings)
         self.wfile = wfile
         self.peer = peer
+        self.proxy = proxy
         self.spool = spool if spool is not None else Spool(
             self.options.spool, fsync_directory=self.options.spool_fsync_directory)
         self.transport = transport
@@ -109,6 +112,8 @@ class Session(Policy):
         self._out = []
         self._out_size = 0
         self.tag = printable(peer or "local")
+        if proxy is not None:  # the logs name the proxy too
+            self.tag += " via " + printable(proxy.via or "local")
         self.filters = None
         if self.options.policy_services:
             from .filters import Filters  # policy services and milters
