@@ -13,8 +13,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, client_context, free_port, need_tool, replies_of, spooled, wait_for
-from test_server import Client, entries
+from conftest import (ROOT, client_context, entries_of, free_port, need_tool, replies_of, spooled,
+                      wait_for)
+from test_server import Client
 
 from netsmtp.proxy import V2_SIGNATURE
 from netsmtp.spool import Spool
@@ -66,11 +67,9 @@ def test_header_source_is_the_client_for_everything(server_factory, server_flags
     client.send(MESSAGE + b"QUIT\r\n")
     assert [client.reply()[0] for _ in range(5)] == [250, 250, 354, 250, 221]
     client.close()
-    [envelope] = entries(server.spool)
+    [(envelope, message)] = entries_of(server.spool)
     assert envelope.client == "192.0.2.7"
-    [name] = spooled(Spool(server.spool))
-    with open(os.path.join(server.spool, name), "rb") as f:
-        assert b"\nReceived: from c.test ([192.0.2.7])\r\n" in f.read()
+    assert message.startswith(b"Received: from c.test ([192.0.2.7])\r\n")
     wait_for(lambda: "192.0.2.7 via 127.0.0.1" in server.output(), what="the log line")
     assert "from proxy 127.0.0.1" in server.output()
 
@@ -194,6 +193,10 @@ def stdin_session(tmp_path, data, fd0, env=None, args=()):
     stderr = proc.stderr.read().decode()
     proc.wait(30)
     return received, stderr, spool
+
+
+def entries(spool):
+    return [envelope for envelope, _ in entries_of(spool)]
 
 
 @pytest.mark.parametrize("fd0", ["pipe", "socket"])
