@@ -305,3 +305,30 @@ def test_verify_recipients_needs_a_smarthost(tmp_path):
                              "--spool", str(tmp_path / "spool"), "--check-recipient", "a@b.test"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--verify-recipients needs --smarthost" in result.stderr
+
+
+def test_the_probe_uses_the_smarthosts_tls_and_auth(tmp_path):
+    """The daemon's probe goes like netsmtp-send: STARTTLS checked against the CA, then AUTH."""
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "password").write_text("s3cret\n")
+    with CaptureServer(tls_context=context, auth=("relay", "s3cret")) as server:
+        options = options_for(tmp_path, server.port, smarthost_tls="required",
+                              smarthost_ca=str(tmp_path / "ca.pem"), smarthost_user="relay",
+                              smarthost_password_file=str(tmp_path / "password"))
+        assert converse_with(options).codes(rcpts("ann@bench.test"))[3] == 250
+        verbs = [c.split(" ")[0].upper() for c in server.commands]
+        assert verbs[:5] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL"]
+        assert server.commands[4:7] == ["MAIL FROM:<>", "RCPT TO:<ann@bench.test>", "RSET"]
+        verify.verifier(options).close()
+        # A certificate the CA does not vouch for: no fallback to plaintext, 450, no cache.
+        trustme.CA().cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+        untrusting = options.replace(smarthost_ca=str(tmp_path / "other-ca.pem"))
+        assert converse_with(untrusting).codes(rcpts("bob@bench.test"))[3] == 450
+        assert cached(untrusting, "bob@bench.test") is None
+        assert not any(c.startswith("RCPT TO:<bob") for c in server.commands)
