@@ -39,6 +39,14 @@ class AddressError(ValueError):
     """A path or parameter that does not follow the RFC 5321 grammar."""
 
 
+class ParameterError(AddressError):
+    """A parameter that is malformed or given twice; key names it."""
+
+    def __init__(self, key):
+        super().__init__("parameter %s" % key)
+        self.key = key
+
+
 def parse_path(text):
     """Split '<path> PARAM=VALUE ...' into (address, {PARAM: value or True}).
 
@@ -68,10 +76,10 @@ def parse_params(text):
             continue
         match = PARAM.fullmatch(word)
         if not match:
-            raise AddressError("parameter")
+            raise ParameterError(word.partition("=")[0][:32])
         key = match.group(1).upper()
         if key in params:
-            raise AddressError("parameter")
+            raise ParameterError(key)
         params[key] = match.group(2) if match.group(2) is not None else True
     return params
 

@@ -15,11 +15,13 @@ import json
 import os
 from collections import namedtuple
 
+from . import dsn as dsn_params
 from .spool import check_entry
 
 # 1: the entry is renamed into place whole; 2: it has a commit line
-# (netsmtp.spool).  Every older version stays readable.
-SCHEMA_VERSION = 2
+# (netsmtp.spool); 3: DSN requests (dsn, expanded).  Every older version
+# stays readable: a missing field means what it meant before it existed.
+SCHEMA_VERSION = 3
 # An envelope line is bounded by the session's limits (recipients, address
 # lengths); anything longer is not ours.
 MAX_ENVELOPE_LINE = 1 << 20
@@ -73,28 +75,44 @@ class Recipient:
     address  the forward path, as accepted
     status   a Status
     reply    the last Result for it (delivery or expiry), or None
+    notify   its DSN NOTIFY (RFC 3461 section 4.1) as a tuple, None if not given
+    orcpt    its DSN ORCPT ("rfc822;xtext") as given, None if not given
+    reports  the DSN reports already sent about it ("delayed", "delivered",
+             "relayed"), so a retry or a crash never sends one twice
     """
 
     address: str
     status: Status = Status.PENDING
     reply: Result | None = None
+    notify: tuple | None = None
+    orcpt: str | None = None
+    reports: set = dataclasses.field(default_factory=set)
 
     @property
     def final(self):
         return self.status in FINAL
 
     def to_json(self):
-        """The JSON form of ID.state and netsmtp-queue --json."""
+        """The JSON form of ID.state (and of netsmtp-queue --json, which adds notify and orcpt)."""
         return {"address": self.address, "status": str(self.status),
-                "error": None if self.reply is None else str(self.reply)}
+                "error": None if self.reply is None else str(self.reply),
+                "reports": sorted(self.reports)}
+
+    def wants(self, word):
+        """True when a report of kind word (SUCCESS, FAILURE, DELAY) is due by its NOTIFY."""
+        return dsn_params.wants(self.notify, word)
 
     def load(self, item):
         """Take the delivery state of a JSON item of ID.state; ValueError if bad."""
         error = item.get("error")
         if item["status"] not in STATUSES or not isinstance(error, (str, NoneType)):
             raise ValueError("recipient status %r" % (item["status"],))
+        reports = item.get("reports", [])
+        if not isinstance(reports, list) or not all(isinstance(r, str) for r in reports):
+            raise ValueError("recipient reports %r" % (reports,))
         self.status = Status(item["status"])
         self.reply = None if error is None else Result.parse(error)
+        self.reports = set(reports)
 
 
 class Envelope:
@@ -107,10 +125,15 @@ class Envelope:
     client      the client address from the connection; None when local
     protocol    SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848); LOCAL
                 for bounces
-    params      MAIL parameters: SIZE (int), BODY, SMTPUTF8 (True)
+    params      MAIL parameters: SIZE (int), BODY, SMTPUTF8 (True), and
+                DSN's RET ("FULL" or "HDRS") and ENVID (xtext, verbatim)
     tls         TLS facts ({"version", "cipher"}) or None
     auth        the authenticated user or None
     arrival     seconds since the epoch when DATA started
+    dsn         {address: {"notify": [...], "orcpt": "type;xtext"}}: the
+                DSN request of each recipient that made one (RFC 3461)
+    expanded    [{"address", "notify", "orcpt"}]: aliases owed an "expanded"
+                report (RFC 3461 section 5.2.7.3)
 
     A thawed envelope also knows its spool file (path, offset of the
     message, size) and its delivery state:
@@ -121,11 +144,11 @@ class Envelope:
     """
 
     FIELDS = ("id", "sender", "recipients", "helo", "client", "protocol",
-              "params", "tls", "auth", "arrival")
+              "params", "tls", "auth", "arrival", "dsn", "expanded")
 
     def __init__(self, sender="", recipients=(), helo=None, client=None,
                  protocol="SMTP", params=None, tls=None, auth=None, id=None,
-                 arrival=None):
+                 arrival=None, dsn=None, expanded=()):
         self.id = id
         self.sender = sender
         self.recipients = list(recipients)
@@ -136,6 +159,8 @@ class Envelope:
         self.tls = tls
         self.auth = auth
         self.arrival = arrival
+        self.dsn = dict(dsn or {})
+        self.expanded = list(expanded)
         self.path = None
         self.offset = 0
         self.size = None
@@ -192,6 +217,11 @@ class Envelope:
         if not all(isinstance(r, str) for r in envelope.recipients) or \
                 not isinstance(envelope.sender, str) or not isinstance(envelope.params, dict):
             raise ValueError("bad sender, recipients or parameters")
+        if not isinstance(envelope.dsn, dict) or not all(
+                isinstance(r, dict) for r in envelope.dsn.values()) or not all(
+                isinstance(e, dict) and isinstance(e.get("address"), str)
+                for e in envelope.expanded):
+            raise ValueError("bad DSN requests")
         envelope.path, envelope.offset, envelope.size = os.fspath(path), start + len(line), size
         envelope.load_state()
         return envelope
@@ -202,7 +232,12 @@ class Envelope:
 
     def load_state(self):
         """Read the delivery state from ID.state (a fresh entry has none)."""
-        self.status = {r: Recipient(r) for r in self.recipients}
+        self.status = {}
+        for r in self.recipients:
+            request = self.dsn.get(r, {})
+            notify = request.get("notify")
+            self.status[r] = Recipient(r, notify=None if notify is None else tuple(notify),
+                                       orcpt=request.get("orcpt"))
         self.attempts, self.next_attempt, self.last_attempt, self.last_error = 0, None, None, None
         try:
             with open(self.state_path, "rb") as f:
@@ -237,13 +272,38 @@ class Envelope:
         data = {name: getattr(self, name) for name in self.FIELDS}
         data.update(size=self.size, attempts=self.attempts, next_attempt=self.due_at,
                     last_attempt=self.last_attempt, last_error=self.last_error,
-                    recipients=[self.status[r].to_json() for r in self.recipients])
+                    recipients=[dict(self.status[r].to_json(), notify=self.status[r].notify,
+                                     orcpt=self.status[r].orcpt) for r in self.recipients])
         return data
 
     @property
     def due_at(self):
         """When the next attempt is due: at arrival for a new entry."""
         return self.next_attempt if self.next_attempt is not None else self.arrival or 0
+
+    def add_recipients(self, address, replacement, request):
+        """Add what one RCPT brings: address, or the addresses check_rcpt_to replaced it by.
+
+        request is its DSN request ({} or "notify" and "orcpt").  One target
+        inherits it; several (an alias) are handled as RFC 3461 section
+        5.2.7.3 (c) says: a SUCCESS asked of the alias is answered at once
+        with an "expanded" report, and each target gets the request without
+        SUCCESS and an ORCPT naming the alias.  A repeated address is kept
+        once, with its first request.
+        """
+        targets = [address] if replacement is None else list(replacement)
+        if len(targets) > 1 and request:
+            notify = request.get("notify")
+            if notify is not None and "SUCCESS" in notify:
+                self.expanded.append({"address": address, **request})
+            request = dict(request, orcpt=request.get("orcpt") or dsn_params.orcpt_for(address))
+            if notify is not None:
+                request["notify"] = list(dsn_params.without_success(notify))
+        for recipient in targets:
+            if recipient not in self.recipients:
+                self.recipients.append(recipient)
+                if request:
+                    self.dsn[recipient] = dict(request)
 
     def recipients_in(self, *statuses):
         """The addresses whose status is one of statuses, in order."""

@@ -242,6 +242,9 @@ SPEC = {opt.name: opt for opt in (
     Option("relay_networks", "127.0.0.0/8,::1", parse_networks,
            "comma-separated networks that may relay to any domain, or none; "
            "the word local stands for sessions with no client address"),
+    Option("dsn_networks", None, parse_networks,
+           "comma-separated networks offered DSN (RFC 3461), or none; success reports "
+           "reveal internal routing (default: everyone)"),
     # The PROXY protocol (netsmtp.proxy): the client behind a load balancer.
     Option("proxy_protocol", False, parse_bool,
            "every connection starts with a PROXY v1 or v2 header (HAProxy, AWS NLB)"),

@@ -4,7 +4,8 @@ import logging
 import signal
 import time
 
-from .address import AddressError, parse_path
+from . import dsn
+from .address import AddressError, ParameterError, in_networks, parse_path
 from .envelope import Envelope
 from .options import Options
 from .policy import Policy
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 # adds 26; BODY, SMTPUTF8 and AUTH= add theirs) and an AUTH line may hold a
 # 12288-octet initial response (RFC 4954 section 4).
 COMMAND_LINE_LIMIT = 512
-LINE_LIMITS = {"MAIL": COMMAND_LINE_LIMIT + 600, "AUTH": 12288}
+# RFC 3461 section 5.4: with DSN, MAIL and RCPT lines of at least 1036 octets.
+LINE_LIMITS = {"MAIL": COMMAND_LINE_LIMIT + 600, "RCPT": COMMAND_LINE_LIMIT + 600, "AUTH": 12288}
 LONGEST_LINE = max(LINE_LIMITS.values())
 OUTPUT_LIMIT = 64 * 1024  # queued reply octets before they are written anyway
 MAX_AUTH_DELAY = 30.0  # seconds; the AUTH delay of a client with failures stops growing here
@@ -385,6 +387,8 @@ class Session(Policy):
         """The EHLO keywords, in order (RFC 5321 section 4.1.1.1)."""
         keywords = ["PIPELINING", "SIZE %d" % self.options.max_size, "8BITMIME",
                     "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "HELP"]
+        if self.dsn_available():
+            keywords.insert(-1, "DSN")
         if self.tls_available():
             keywords.append("STARTTLS")
         if self.may_offer_auth():
@@ -597,6 +601,8 @@ class Session(Policy):
             raise SMTPError("501 5.5.2", "MAIL FROM:<address>")
         try:
             address, params = parse_path(arg[5:])
+        except ParameterError as exc:
+            raise SMTPError("501 5.5.4", exc.key) from None
         except AddressError:
             raise SMTPError("501 5.1.7") from None
         if address.lower() == "postmaster":
@@ -635,21 +641,51 @@ class Session(Policy):
                 if value is True:
                     raise SMTPError("501 5.5.4", key)
                 params[key] = value if self.auth_user is not None else "<>"
+            elif key in ("RET", "ENVID") and self.dsn_available():
+                try:
+                    params[key] = dsn.check_ret(value) if key == "RET" else dsn.check_envid(value)
+                except dsn.DSNError:
+                    raise SMTPError("501 5.5.4", key) from None
             else:
                 raise SMTPError("555 5.5.4", key)
         return params
+
+    def dsn_available(self):
+        """True when DSN (RFC 3461) is offered to this client: after EHLO, within dsn_networks."""
+        networks = self.options.dsn_networks
+        return self.esmtp and (networks is None or in_networks(self.peer, networks))
+
+    def rcpt_params(self, params):
+        """Check RCPT parameters (NOTIFY, ORCPT of RFC 3461); returns the DSN request.
+
+        The request is {"notify": [...], "orcpt": "type;xtext"} with only
+        the keys given, values as checked (NOTIFY upper-cased, ORCPT verbatim).
+        """
+        request = {}
+        for key, value in params.items():
+            if key not in ("NOTIFY", "ORCPT") or not self.dsn_available():
+                raise SMTPError("555 5.5.4", key)
+            try:
+                if key == "NOTIFY":
+                    request["notify"] = list(dsn.check_notify(value))
+                else:
+                    request["orcpt"] = dsn.check_orcpt(value, "SMTPUTF8" in self.envelope.params)
+            except dsn.DSNError:
+                raise SMTPError("501 5.5.4", key) from None
+        return request
 
     def smtp_RCPT(self, arg):
         if not arg or arg[:3].upper() != "TO:":
             raise SMTPError("501 5.5.2", "RCPT TO:<address>")
         try:
             address, params = parse_path(arg[3:])
+        except ParameterError as exc:
+            raise SMTPError("501 5.5.4", exc.key) from None
         except AddressError:
             raise SMTPError("501 5.1.3") from None
         if not address:
             raise SMTPError("501 5.1.3")
-        if params:
-            raise SMTPError("555 5.5.4", next(iter(params)))
+        request = self.rcpt_params(params)
         if not address.isascii() and "SMTPUTF8" not in self.envelope.params:
             raise SMTPError("553 5.6.7", address)
         if len(self.envelope.recipients) >= self.options.max_recipients:
@@ -660,9 +696,7 @@ class Session(Policy):
         replacement = self.check_rcpt_to(address, params)
         if self.filters is not None:  # after the relay check, so no filter grants relaying
             self.filters.rcpt(address, params)
-        for recipient in replacement if replacement is not None else [address]:
-            if recipient not in self.envelope.recipients:
-                self.envelope.recipients.append(recipient)
+        self.envelope.add_recipients(address, replacement, request)
         if self.envelope.recipients:
             self.state = State.RCPT
         self.recipients_total += 1

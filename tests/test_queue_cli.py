@@ -54,7 +54,8 @@ def test_queue_empty_and_json(spool, capsys):
     assert {"id", "sender", "size", "arrival", "attempts", "next_attempt", "last_error",
             "recipients"} <= set(entry)
     assert entry["id"] == queue_id and entry["attempts"] == 0
-    assert entry["recipients"] == [{"address": "u@x.test", "status": "pending", "error": None}]
+    assert entry["recipients"] == [{"address": "u@x.test", "status": "pending", "error": None,
+                                    "notify": None, "orcpt": None, "reports": []}]
 
 
 def test_queue_of_a_missing_spool_fails(tmp_path, capsys):

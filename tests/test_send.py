@@ -71,8 +71,8 @@ def test_deferral_backs_off_exponentially(spool, smarthost):
     assert send(spool, smarthost, "--retry-initial", "5m") == 75
     first = state_of(spool, queue_id)
     assert first.attempts == 1 and first.last_error == "451 4.7.1 greylisted"
-    assert first.status["u@x.test"].to_json() == {
-        "address": "u@x.test", "status": "deferred", "error": "451 4.7.1 greylisted"}
+    assert (first.status["u@x.test"].status, str(first.status["u@x.test"].reply)) == (
+        "deferred", "451 4.7.1 greylisted")
     assert started + 300 <= first.next_attempt <= time.time() + 300
     assert send(spool, smarthost) == 75
     second = state_of(spool, queue_id)
