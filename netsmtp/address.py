@@ -26,6 +26,7 @@ _ROUTE = r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN)
 
 PATH = re.compile(r"<(?:%s)?((%s|%s)@(%s|%s)|(?i:postmaster)|)>(?= |$)" % (
     _ROUTE, _DOT_ATOM, _QUOTED, _DOMAIN, _LITERAL))
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([^\x00-\x20=\x7f-\x9f]+))?")
 
 # RFC 5321 section 4.5.3.1: size limits of the parts of a path, in octets
@@ -76,7 +77,8 @@ def parse_params(text):
             continue
         match = PARAM.fullmatch(word)
         if not match:
-            raise ParameterError(word.partition("=")[0][:32])
+            name = word.partition("=")[0]
+            raise ParameterError(name.upper() if _KEYWORD.fullmatch(name[:32]) else "(malformed)")
         key = match.group(1).upper()
         if key in params:
             raise ParameterError(key)

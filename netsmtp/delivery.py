@@ -39,9 +39,18 @@ class Delivery:
                         problem: return 4xx or 5xx results instead.
         describe()      a few words for --dry-run ("smarthost mx:25")
         close()         called once at the end of the run
+
+    Class variables that may be overridden:
+        final           True when a 2xx is final delivery (a mailbox), so a
+                        recipient asking NOTIFY=SUCCESS gets "delivered"
+                        rather than "relayed"
+        relays_dsn      True while the last deliver() passed the DSN request
+                        on (to a server that reports itself); no report then
     """
 
     name = "delivery"
+    final = False
+    relays_dsn = False
 
     def __init__(self, options):
         self.options = options

@@ -49,8 +49,12 @@ FINAL = frozenset((DELIVERED, BOUNCED, DROPPED))
 STATUSES = frozenset(Status)
 
 
-class Result(namedtuple("Result", "code text")):
-    """An SMTP reply for one recipient: code (int) and text (with the enhanced code)."""
+class Result(namedtuple("Result", "code text remote", defaults=(None,))):
+    """An SMTP reply for one recipient: code (int) and text (with the enhanced code).
+
+    remote names the server that gave it (a report's Remote-MTA), None when
+    netsmtp made it up itself; it is no part of the reply's text.
+    """
 
     @property
     def status(self):
@@ -79,6 +83,7 @@ class Recipient:
     orcpt    its DSN ORCPT ("rfc822;xtext") as given, None if not given
     reports  the DSN reports already sent about it ("delayed", "delivered",
              "relayed"), so a retry or a crash never sends one twice
+    remote   the server that gave the last reply, None if netsmtp made it
     """
 
     address: str
@@ -87,6 +92,7 @@ class Recipient:
     notify: tuple | None = None
     orcpt: str | None = None
     reports: set = dataclasses.field(default_factory=set)
+    remote: str | None = None
 
     @property
     def final(self):
@@ -96,7 +102,7 @@ class Recipient:
         """The JSON form of ID.state (and of netsmtp-queue --json, which adds notify and orcpt)."""
         return {"address": self.address, "status": str(self.status),
                 "error": None if self.reply is None else str(self.reply),
-                "reports": sorted(self.reports)}
+                "reports": sorted(self.reports), "remote_mta": self.remote}
 
     def wants(self, word):
         """True when a report of kind word (SUCCESS, FAILURE, DELAY) is due by its NOTIFY."""
@@ -107,12 +113,16 @@ class Recipient:
         error = item.get("error")
         if item["status"] not in STATUSES or not isinstance(error, (str, NoneType)):
             raise ValueError("recipient status %r" % (item["status"],))
-        reports = item.get("reports", [])
-        if not isinstance(reports, list) or not all(isinstance(r, str) for r in reports):
+        reports, remote = item.get("reports", []), item.get("remote_mta")
+        if not isinstance(reports, list) or not all(isinstance(r, str) for r in reports) or \
+                not isinstance(remote, (str, NoneType)):
             raise ValueError("recipient reports %r" % (reports,))
         self.status = Status(item["status"])
         self.reply = None if error is None else Result.parse(error)
         self.reports = set(reports)
+        self.remote = remote
+        if self.reply is not None:
+            self.reply = self.reply._replace(remote=remote)
 
 
 class Envelope:
@@ -139,6 +149,8 @@ class Envelope:
     message, size) and its delivery state:
     status      {address: Recipient}, one record per recipient
     attempts, next_attempt, last_attempt, last_error
+    reports     the reports sent about the message as a whole ("expanded")
+    held        True while netsmtp-queue --hold keeps it from being sent
 
     Delivery itself is the runner's (netsmtp.runner.QueueRunner.deliver).
     """
@@ -169,6 +181,8 @@ class Envelope:
         self.next_attempt = None
         self.last_attempt = None
         self.last_error = None
+        self.reports = set()
+        self.held = False
 
     def freeze(self):
         """The envelope as one line of JSON bytes, newline included."""
@@ -239,6 +253,7 @@ class Envelope:
             self.status[r] = Recipient(r, notify=None if notify is None else tuple(notify),
                                        orcpt=request.get("orcpt"))
         self.attempts, self.next_attempt, self.last_attempt, self.last_error = 0, None, None, None
+        self.reports, self.held = set(), False
         try:
             with open(self.state_path, "rb") as f:
                 data = json.loads(f.read(MAX_ENVELOPE_LINE))
@@ -256,6 +271,10 @@ class Envelope:
             if not all(isinstance(t, (int, float, NoneType))
                        for t in (self.next_attempt, self.last_attempt)):
                 raise ValueError("attempt times")
+            reports, self.held = data.get("reports", []), data.get("held", False)
+            if not isinstance(reports, list) or not isinstance(self.held, bool):
+                raise ValueError("reports or held")
+            self.reports = set(reports)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError("bad state: %r" % exc) from None
 
@@ -263,7 +282,7 @@ class Envelope:
         """The delivery state as JSON bytes, for ID.state."""
         data = {"version": SCHEMA_VERSION, "id": self.id, "attempts": self.attempts,
                 "next_attempt": self.next_attempt, "last_attempt": self.last_attempt,
-                "last_error": self.last_error,
+                "last_error": self.last_error, "reports": sorted(self.reports), "held": self.held,
                 "recipients": [self.status[r].to_json() for r in self.recipients]}
         return json.dumps(data, ensure_ascii=False).encode() + b"\n"
 
@@ -272,6 +291,7 @@ class Envelope:
         data = {name: getattr(self, name) for name in self.FIELDS}
         data.update(size=self.size, attempts=self.attempts, next_attempt=self.due_at,
                     last_attempt=self.last_attempt, last_error=self.last_error,
+                    held=self.held, requiretls=bool(self.params.get("REQUIRETLS")),
                     recipients=[dict(self.status[r].to_json(), notify=self.status[r].notify,
                                      orcpt=self.status[r].orcpt) for r in self.recipients])
         return data

@@ -57,6 +57,7 @@ class MaildirDelivery(Delivery):
     """
 
     name = "maildir"
+    final = True  # a 250 here is final delivery: a "delivered" report (RFC 3461 section 5.2.3)
 
     def describe(self):
         return "maildir %s" % self.options.maildir_root

@@ -180,6 +180,13 @@ def parse_duration(value):
     return number
 
 
+def parse_delay_warning(value):
+    """A duration, or off (also 0): no delay reports."""
+    if str(value).strip().lower() in ("off", "0", "none", "no"):
+        return None
+    return parse_duration(value)
+
+
 def parse_tls_mode(value):
     mode = str(value).strip().lower()
     if mode not in ("off", "opportunistic", "required"):
@@ -348,6 +355,12 @@ SPEC = {opt.name: opt for opt in (
     Option("retry_max", "4h", parse_duration, "longest retry delay", (SEND,)),
     Option("max_queue_lifetime", "5d", parse_duration,
            "age after which recipients still deferred are bounced", (SEND,)),
+    Option("delay_warning", None, parse_delay_warning,
+           "age after which a still-deferred recipient gets one delay report (RFC 3464), "
+           "or off", (SEND,)),
+    Option("bounce_size_limit", 50_000, parse_int,
+           "largest message a failure report with RET=FULL returns whole, in octets; "
+           "past it, headers only", (SEND,)),
     # Development and filters (netsmtp.sink, netsmtp.policy_service, netsmtp.milter).
     Option("sink", False, parse_bool,
            "accept any message for anyone, print it to stdout, relay and keep nothing"),

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from .bounce import spool_bounce
+from .bounce import spool_report
 from .delivery import Routes
 from .envelope import Envelope, Result, Status
 from .lmtp import LMTPDelivery
@@ -273,7 +273,7 @@ class QueueRunner:
         deferred = []
         for recipient, result in results.items():
             record = envelope.status[recipient]
-            record.status, record.reply = result.status, result
+            record.status, record.reply, record.remote = result.status, result, result.remote
             if result.status == Status.DEFERRED:
                 deferred.append(recipient)
                 envelope.last_error = str(result)
@@ -286,12 +286,13 @@ class QueueRunner:
                 record = envelope.status[recipient]
                 record.status, record.reply = Status.FAILED, Result(
                     record.reply.code, "4.4.7 message expired after %g days in the queue; "
-                    "last error: %s" % (days, record.reply))
+                    "last error: %s" % (days, record.reply), record.reply.remote)
             deferred = []
         if envelope.sender and envelope.recipients_in(Status.FAILED):
             # Record the deliveries first, so a failing bounce repeats none.
             spool.write_state(envelope.id, envelope.freeze_state())
         self.bounce(spool, envelope, now)
+        self.report(spool, envelope, results, now)
         if envelope.finished:
             spool.unlink_message(envelope.id)  # made durable by sync()
         else:
@@ -310,25 +311,91 @@ class QueueRunner:
         return max(min(now + delay, expiry), now)
 
     def bounce(self, spool, envelope, now):
-        """Bounce the recipients that failed for good, or drop them for a <> sender."""
+        """Bounce the recipients that failed for good, or drop them when no report is due.
+
+        No report goes to <> (RFC 5321 section 4.5.5: never a notification
+        about a notification) or about a recipient whose NOTIFY leaves out
+        FAILURE (RFC 3461 section 5.2.6); such a failure is logged and the
+        recipient dropped.
+        """
         failed = envelope.recipients_in(Status.FAILED)
         if not failed:
             return
-        if not envelope.sender:
-            # RFC 5321 section 4.5.5: a notification is never sent about a
-            # notification; the failure is logged and the recipient dropped.
-            for recipient in failed:
-                log.warning("%s: <%s> failed, sender is <>, not bounced: %s", envelope.id,
-                            printable(recipient), printable(envelope.status[recipient].reply))
-                envelope.status[recipient].status = Status.DROPPED
-            return
-        failures = {r: envelope.status[r].reply or Result(500, "5.0.0 failed") for r in failed}
-        bounce_id = spool_bounce(spool, envelope, failures, self.options.hostname, now)
-        log.info("%s: bounced %s to <%s> as %s", envelope.id,
-                 ",".join("<%s>" % printable(r) for r in failed), printable(envelope.sender),
-                 bounce_id)
+        reported = []
         for recipient in failed:
-            envelope.status[recipient].status = Status.BOUNCED
+            record = envelope.status[recipient]
+            if envelope.sender and record.wants("FAILURE"):
+                reported.append(record)
+                continue
+            log.warning("%s: <%s> failed, not bounced (%s): %s", envelope.id,
+                        printable(recipient), "sender is <>" if not envelope.sender else
+                        "NOTIFY=%s" % ",".join(record.notify), printable(record.reply))
+            record.status = Status.DROPPED
+        if not reported:
+            return
+        for record in reported:
+            record.reply = record.reply or Result(500, "5.0.0 failed")
+        bounce_id = self.spool_report(spool, envelope, "failed", reported, now)
+        log.info("%s: bounced %s to <%s> as %s", envelope.id,
+                 ",".join("<%s>" % printable(r.address) for r in reported),
+                 printable(envelope.sender), bounce_id)
+        for record in reported:
+            record.status = Status.BOUNCED
+
+    def report(self, spool, envelope, results, now):
+        """Send the delay, success and expansion reports now due (RFC 3461), each only once.
+
+        The state records a report before it is spooled: a crash in between
+        loses that report, but a retry never sends a second one.
+        """
+        if not envelope.sender:
+            return
+        due = {}
+        for recipient in envelope.recipients:
+            record = envelope.status[recipient]
+            action = self.report_due(envelope, record, recipient in results, now)
+            if action is not None:
+                due.setdefault(action, []).append(record)
+                record.reports.add(action)
+        if envelope.expanded and "expanded" not in envelope.reports:
+            from .envelope import Recipient
+            due["expanded"] = [Recipient(e["address"], orcpt=e.get("orcpt"))
+                               for e in envelope.expanded]
+            envelope.reports.add("expanded")
+        if not due:
+            return
+        spool.write_state(envelope.id, envelope.freeze_state())
+        for action, records in due.items():
+            report_id = self.spool_report(spool, envelope, action, records, now)
+            log.info("%s: %s report about %s to <%s> as %s", envelope.id, action,
+                     ",".join("<%s>" % printable(r.address) for r in records),
+                     printable(envelope.sender), report_id)
+
+    def report_due(self, envelope, record, tried, now):
+        """The report action due about one recipient now, or None.
+
+        delivered: final delivery (Maildir) with NOTIFY=SUCCESS; relayed: a
+        smarthost without DSN took it (one with DSN reports itself, having
+        got NOTIFY); delayed: still deferred after delay_warning, unless
+        NOTIFY leaves out DELAY.
+        """
+        if record.status == Status.DELIVERED and tried and record.notify is not None \
+                and "SUCCESS" in record.notify:
+            delivery = self._deliveries.get(self.route(record.address))
+            if getattr(delivery, "final", False):
+                return "delivered"
+            return None if getattr(delivery, "relays_dsn", False) else "relayed"
+        warning = self.options.delay_warning
+        if record.status == Status.DEFERRED and warning is not None and record.wants("DELAY") \
+                and "delayed" not in record.reports and now - (envelope.arrival or now) >= warning:
+            return "delayed"
+        return None
+
+    def spool_report(self, spool, envelope, action, records, now):
+        """Spool one report (netsmtp.bounce) from <> to the sender; returns its id."""
+        return spool_report(spool, envelope, action, records, self.options.hostname, now,
+                            full_limit=self.options.bounce_size_limit,
+                            retry_until=(envelope.arrival or now) + self.options.max_queue_lifetime)
 
     def plan(self, spool, queue_id, now=None):
         """What sending would do, changing nothing (--dry-run)."""

@@ -9,6 +9,7 @@ import logging
 import smtplib
 import ssl
 
+from . import dsn
 from .delivery import Delivery, Result
 from .replies import printable
 
@@ -167,12 +168,27 @@ class SmarthostDelivery(Delivery):
                 return
             mail_options.append("SMTPUTF8")
             smtp.command_encoding = "utf-8"
+        # RFC 3461 section 5.2.1: the DSN request goes on unchanged to a
+        # server that offers DSN (ORCPT added when absent), else not at all.
+        self.relays_dsn = smtp.has_extn("dsn")
+        rcpt_options = dict.fromkeys(recipients, "")
+        if self.relays_dsn:
+            for key in ("RET", "ENVID"):
+                if key in params:
+                    mail_options.append("%s=%s" % (key, params[key]))
+            for recipient in recipients:
+                record = envelope.status.get(recipient)
+                notify = record.notify if record is not None else None
+                orcpt = record.orcpt if record is not None and record.orcpt else \
+                    dsn.orcpt_for(recipient)
+                rcpt_options[recipient] = ("" if notify is None else " NOTIFY=" + ",".join(notify)) \
+                    + " ORCPT=" + orcpt
         mail = "MAIL FROM:<%s>%s\r\n" % (envelope.sender, "".join(" " + o for o in mail_options))
-        rcpts = ["RCPT TO:<%s>\r\n" % recipient for recipient in recipients]
+        rcpts = ["RCPT TO:<%s>%s\r\n" % (r, rcpt_options[r]) for r in recipients]
         if smtp.has_extn("pipelining"):
             # RFC 2920 section 3.1: MAIL, the RCPTs and DATA in one group.
             smtp.send("".join([mail, *rcpts, "DATA\r\n"]))
-            replies = [_reply(smtp.getreply()) for _ in range(len(rcpts) + 2)]
+            replies = [self.reply_of(smtp) for _ in range(len(rcpts) + 2)]
         else:
             replies = [self.command(smtp, mail)]
             if 200 <= replies[0].code < 300:
@@ -207,12 +223,16 @@ class SmarthostDelivery(Delivery):
         self.data_started = True
         with envelope.open() as message:
             send_data(smtp, message)
-        reply = _reply(smtp.getreply())
+        reply = self.reply_of(smtp)
         results.update(dict.fromkeys(accepted, reply))
 
     def command(self, smtp, line):
         smtp.send(line)
-        return _reply(smtp.getreply())
+        return self.reply_of(smtp)
+
+    def reply_of(self, smtp):
+        """The smarthost's next reply as a Result that names it (a report's Remote-MTA)."""
+        return _reply(smtp.getreply())._replace(remote=self.options.smarthost[0])
 
     def reset(self, smtp):
         smtp.rset()

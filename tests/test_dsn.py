@@ -5,7 +5,7 @@ import smtplib
 
 import pytest
 
-from conftest import Conversation, make_options, spooled
+from conftest import Conversation, make_options, spooled, wait_for
 from netsmtp import dsn
 from netsmtp.envelope import Envelope
 from netsmtp.queue_cli import queue_main
@@ -168,3 +168,22 @@ def test_xtext_round_trip():
     for text in ["a+b=c@x.test", "plain", "~!*"]:
         assert dsn.decode_xtext(dsn.encode_xtext(text)) == text
     assert dsn.encode_xtext("a+b=c") == "a+2Bb+3Dc"
+
+
+def test_postfix_sendmail_n_v_sends_dsn_parameters_through_its_relayhost(server):
+    """A real DSN client: Postfix's sendmail -N success,delay,failure -V ENVID via relayhost."""
+    from postfix import PrivatePostfix
+    postfix = PrivatePostfix(relayhost=("127.0.0.1", server.port))
+    try:
+        assert postfix.sendmail(["-N", "success,delay,failure", "-V", "QQ314159",
+                                 "-f", "a@client.test", "u@mx.test"],
+                                b"Subject: dsn\n\nhello\n") == 0
+        spool = Spool(server.spool)
+        wait_for(lambda: spool.queue_ids(), what="the message from Postfix")
+    finally:
+        postfix.stop()
+    envelope = Envelope.thaw(spool.entry_path(spool.queue_ids()[0]))
+    assert envelope.params["ENVID"] == "QQ314159"
+    record = envelope.status["u@mx.test"]
+    assert set(record.notify) == {"SUCCESS", "DELAY", "FAILURE"}
+    assert record.orcpt == "rfc822;u@mx.test"

@@ -55,7 +55,8 @@ def test_queue_empty_and_json(spool, capsys):
             "recipients"} <= set(entry)
     assert entry["id"] == queue_id and entry["attempts"] == 0
     assert entry["recipients"] == [{"address": "u@x.test", "status": "pending", "error": None,
-                                    "notify": None, "orcpt": None, "reports": []}]
+                                    "notify": None, "orcpt": None, "reports": [],
+                                    "remote_mta": None}]
 
 
 def test_queue_of_a_missing_spool_fails(tmp_path, capsys):

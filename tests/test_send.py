@@ -121,13 +121,16 @@ def test_permanent_failure_is_bounced_with_a_dsn(spool, smarthost):
 
 
 def test_bounce_about_a_utf8_address_is_smtputf8(spool, smarthost):
-    """A DSN naming a non-ASCII address is spooled as SMTPUTF8 mail (RFC 6533)."""
+    """A DSN naming a non-ASCII address is SMTPUTF8 mail, message/global-delivery-status (RFC 6533)."""
     put(spool, recipients=["jürgen@x.test"], params={"SMTPUTF8": True})
     smarthost.rcpt_replies["jürgen@x.test"] = "550 5.1.1 unknown"
     assert send(spool, smarthost) == 0
     [(envelope, dsn)] = bounces(spool)
     assert envelope.params == {"SMTPUTF8": True}
-    assert dsn.get_payload()[1].get_payload()[1]["Final-Recipient"] == "utf-8; jürgen@x.test"
+    status = dsn.get_payload()[1]
+    assert status.get_content_type() == "message/global-delivery-status"
+    with envelope.open() as f:
+        assert "Final-Recipient: utf-8; jürgen@x.test\r\n".encode() in f.read()
     assert send(spool, smarthost) == 0  # the bounce itself goes out with SMTPUTF8
     assert smarthost.messages[-1].sender == "" and "SMTPUTF8" in smarthost.messages[-1].mail_args
 

@@ -202,7 +202,7 @@ def test_typed_records_keep_the_json_of_the_spool(spool):
     spool.write_state(queue_id, envelope.freeze_state())
     data = json.loads(open(spool.state_path(queue_id), "rb").read())
     assert data["recipients"] == [{"address": "u@x.test", "status": "deferred",
-                                   "error": "451 4.7.1 later", "reports": []}]
+                                   "error": "451 4.7.1 later", "reports": [], "remote_mta": None}]
     again = Envelope.thaw(spool.entry_path(queue_id)).status["u@x.test"]
     assert again.reply == Result(451, "4.7.1 later") and again.reply.status is Status.DEFERRED
 
