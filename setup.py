@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.11",
     # 3.20.3 fixes the lock-file symlink races CVE-2025-68146 and CVE-2026-22701.
     install_requires=["filelock>=3.20.3"],
-    extras_require={"test": ["pytest", "hypothesis", "trustme"]},
+    # flufl.bounce (Apache-2.0): an independent parser of the DSN reports, in tests only.
+    extras_require={"test": ["pytest", "hypothesis", "trustme", "flufl.bounce"]},
     entry_points={
         "console_scripts": [
             "netsmtp = netsmtp.cli:main",
