@@ -11,16 +11,30 @@ committed, so the spooled message is the filtered one, fsync'd before the
 
 import logging
 import os
-import shutil
+import re
 import tempfile
 
+from .address import AddressError, domain_of, parse_path
+from .milter import (ACCEPT, BODY_CHUNK, CONTINUE, DISCARD, HDR_LEADSPC, REJECTED, SKIPBODY,
+                     TEMPFAILED, Milter, MilterError, describe)
 from .policy_service import Action, PolicyClient, ask, parse_action
 from .replies import FilterReply, printable
+from .wire import HEADER_LIMIT, TEXT_LINE_LIMIT
 
 log = logging.getLogger(__name__)
 
 IN_MEMORY = 1 << 20  # octets of a message kept in memory before it goes to a file
 COPY_CHUNK = 65536
+HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")  # RFC 5322 section 3.6.8
+# A milter's refusal at connect: 554 keeps the session for its QUIT (RFC 5321
+# section 3.1), a temporary one closes it.
+CONNECT_REPLIES = {b"r": FilterReply(554, "5.7.1", "Command rejected"),
+                   b"t": FilterReply(421, "4.7.1", "Service unavailable - try again later")}
+
+
+def wanted(options):
+    """True when the options name any filter, so a session needs a Filters."""
+    return bool(options.policy_services or options.milters)
 
 
 class Transaction:
@@ -48,6 +62,8 @@ class Filters:
         options = session.options
         self.policies = [PolicyClient(address, options.policy_timeout)
                          for address in options.policy_services]
+        self.milters = [Milter(address, options.milter_timeout, options.milter_default_action)
+                        for address in options.milters]
         self.transaction = None
 
     def current(self):
@@ -59,26 +75,170 @@ class Filters:
 
     # -- the stages ----------------------------------------------------------
 
+    def connect(self):
+        """Milters' connect stage; a refusal is raised for the greeting to send."""
+        session = self.session
+        hostname = "[%s]" % session.peer if session.peer else "localhost"
+        for milter in self.milters:
+            result = milter.connect(hostname, session.peer, self.macro_values())
+            if milter.failed:
+                continue  # its default action answers the first transaction
+            self.milter_result(milter, result, "connect")
+
+    def helo(self, name):
+        for milter in self.milters:
+            result = milter.helo(name, self.macro_values())
+            if not milter.failed:
+                self.milter_result(milter, result, "helo")
+
+    def mail(self, sender, params):
+        """Milters' MAIL stage, before the envelope exists; raises the refusal."""
+        args = esmtp_args(params)
+        try:
+            for milter in self.milters:
+                self.milter_result(milter, milter.mail(sender, args, self.macro_values(
+                    sender=sender, params=params)), "mail")
+        except BaseException:
+            self.abort()  # no transaction begins: the milters that saw MAIL forget it
+            raise
+
     def rcpt(self, address, params):
-        """Ask the policy services about one recipient; raises the refusal."""
+        """Ask the policy services, then the milters, about one recipient."""
         if self.policies:
             self.apply(self.ask("RCPT", recipient=address))
+        for milter in self.milters:
+            self.milter_result(milter, milter.rcpt(address, esmtp_args(params),
+                                                   self.macro_values(recipient=address)), "rcpt")
 
     def wrap(self, writer, envelope):
-        """A writer that holds the message back until the filters have seen it."""
+        """The DATA stage; then a writer that holds the message back until the end."""
+        try:
+            for milter in self.milters:
+                self.milter_result(milter, milter.data(self.macro_values()), "data")
+        except BaseException:
+            writer.close()
+            raise
         return FilterWriter(self, writer, envelope)
 
     def end_of_message(self, envelope, size):
-        """The last word of the filters before the commit; raises the refusal."""
+        """The policy services' last word before the commit; raises the refusal."""
         if self.policies and self.session.options.policy_end_of_message:
             one = envelope.recipients[0] if len(envelope.recipients) == 1 else ""
             self.apply(self.ask("END-OF-MESSAGE", recipient=one, size=size,
                                 recipient_count=len(envelope.recipients),
                                 queue_id=envelope.id))
 
+    def milters_end_of_message(self, envelope, message):
+        """Each milter in turn sees the message (as the earlier ones left it) and may
+        change it; its refusal is raised."""
+        for milter in self.milters:
+            if milter.failed or milter.done_session or not milter.in_transaction:
+                if milter.failed:
+                    self.milter_result(milter, milter.default_result(), "eom")
+                continue
+            leading = bool(milter.protocol & HDR_LEADSPC)
+            result = milter.message(message.milter_headers(leading),
+                                    message.body_chunks(BODY_CHUNK), self.macro_values())
+            try:
+                self.modify(milter, result, envelope, message, leading)
+            except ValueError as exc:
+                result = milter.fail(MilterError("bad modification: %s" % exc))
+            self.milter_result(milter, result, "eom")
+            if self.current().discard is not None:
+                return
+
+    def abort(self):
+        """The transaction ended without its end of message (RSET, a refusal)."""
+        for milter in self.milters:
+            milter.abort()
+
     def close(self):
         for client in self.policies:
             client.close()
+        for milter in self.milters:
+            milter.close()
+
+    # -- milters -------------------------------------------------------------------
+
+    def macro_values(self, sender=None, params=None, recipient=None):
+        """The macros milters rely on, by Sendmail's names; unknown ones are left out."""
+        session = self.session
+        envelope = session.envelope
+        tls = session.tls or {}
+        if sender is None and envelope is not None:
+            sender, params = envelope.sender, envelope.params
+        params = params or {}
+        values = {
+            "j": session.options.hostname, "{daemon_name}": "netsmtp", "v": "netsmtp",
+            "_": "%s [%s]" % ("unknown", session.peer) if session.peer else "localhost",
+            "{client_addr}": session.peer, "{client_name}": "unknown" if session.peer else None,
+            "{tls_version}": tls.get("version"), "{cipher}": tls.get("cipher"),
+            "{cipher_bits}": tls.get("bits"),
+            "{auth_type}": session.auth_mechanism if session.auth_user else None,
+            "{auth_authen}": session.auth_user,
+            "{auth_author}": params.get("AUTH") if params.get("AUTH") not in (None, "<>") else None,
+            "i": envelope.id if envelope is not None else None,
+        }
+        if sender is not None:
+            values.update({"{mail_addr}": sender, "{mail_host}": domain_of(sender) or None,
+                           "{mail_mailer}": "smtp" if sender else "local"})
+        if recipient is not None:
+            domain = domain_of(recipient)
+            local = not domain or domain in session.options.local_domains
+            values.update({"{rcpt_addr}": recipient, "{rcpt_host}": domain or None,
+                           "{rcpt_mailer}": "local" if local else "smtp"})
+        return {name: str(value) for name, value in values.items() if value is not None}
+
+    def milter_result(self, milter, result, stage):
+        """Take a milter's answer to a stage: raise its refusal, note a discard."""
+        if result.kind in (CONTINUE, ACCEPT, SKIPBODY):
+            return
+        if result.kind == DISCARD:  # never at connect or HELO (netsmtp.milter refuses it)
+            self.current().discard = "discarded by milter %s" % milter.name
+            return
+        reply = result.reply
+        if stage == "connect" and reply in (REJECTED, TEMPFAILED):
+            reply = CONNECT_REPLIES[result.kind]
+        log.info("%s: milter %s: %s at %s", self.session.tag, milter.name, describe(result),
+                 stage)
+        self.refuse(reply)
+
+    def modify(self, milter, result, envelope, message, leading):
+        """Apply a milter's modifications at end of message; ValueError if one is unsafe."""
+        body = []
+        for command, args in result.modifications:
+            if command == b"h":
+                message.add_header(args[0], args[1], leading)
+            elif command == b"i":
+                message.add_header(args[1], args[2], leading, index=args[0])
+            elif command == b"m":
+                message.change_header(args[0], args[1], args[2], leading)
+            elif command == b"b":
+                body.append(args)
+            elif command in (b"+", b"2"):
+                address = check_address(args[0])
+                if len(envelope.recipients) >= self.session.options.max_recipients:
+                    raise ValueError("too many recipients")
+                if address not in envelope.recipients:
+                    envelope.recipients.append(address)
+                log.info("%s: milter %s added recipient <%s> to id=%s", self.session.tag,
+                         milter.name, printable(address), envelope.id)
+            elif command == b"-":
+                address = args[0].strip().strip("<>")
+                if address in envelope.recipients:
+                    envelope.recipients.remove(address)
+                log.info("%s: milter %s deleted recipient <%s> from id=%s", self.session.tag,
+                         milter.name, printable(address), envelope.id)
+            elif command == b"e":
+                envelope.sender = check_address(args[0]) if args[0].strip() != "<>" else ""
+                log.info("%s: milter %s changed the sender of id=%s to <%s>", self.session.tag,
+                         milter.name, envelope.id, printable(envelope.sender))
+            elif command == b"q":
+                if not can_hold(self.session.spool):
+                    raise ValueError("quarantine asked, and this spool cannot hold")
+                self.current().hold = "quarantined by milter %s: %s" % (milter.name, args[0])
+        if body:
+            message.replace_body(body)
 
     # -- policy services -------------------------------------------------------
 
@@ -137,12 +297,18 @@ class Filters:
         raise reply
 
 
+def esmtp_args(params):
+    """MAIL or RCPT parameters as the words of the command ("SIZE=10", "SMTPUTF8")."""
+    return [key if value is True else "%s=%s" % (key, value) for key, value in params.items()]
+
+
 class FilterWriter:
     """Stands for the spool writer during DATA; the entry is written at commit().
 
-    The writer the session began is thrown away and a fresh entry written,
-    since the filters may have changed the envelope (its line heads the
-    entry) as well as the message.
+    The message waits in a temporary file (in memory up to IN_MEMORY
+    octets) until the filters have spoken.  The writer the session began is
+    then thrown away and a fresh entry written, since the filters may have
+    changed the envelope (its line heads the entry) as well as the message.
     """
 
     def __init__(self, filters, writer, envelope):
@@ -160,32 +326,202 @@ class FilterWriter:
         filters, envelope = self.filters, self.envelope
         session = filters.session
         filters.end_of_message(envelope, self.size)
-        transaction = filters.current()
-        self.inner.close()
-        if transaction.discard is not None:
-            log.info("%s: discarded id=%s: %s", session.tag, envelope.id,
-                     printable(transaction.discard))
+        message = EditedMessage(self.buffer, session.options.max_size,
+                                getattr(session.spool, "tmp", None))
+        try:
+            filters.milters_end_of_message(envelope, message)
+            transaction = filters.current()
+            self.inner.close()
+            if transaction.discard is None and not envelope.recipients:
+                transaction.discard = "the filters removed every recipient"
+            if transaction.discard is not None:
+                log.info("%s: discarded id=%s: %s", session.tag, envelope.id,
+                         printable(transaction.discard))
+                self.committed = True
+                return
+            if transaction.redirect is not None:
+                log.info("%s: redirected id=%s from %s to <%s>", session.tag, envelope.id,
+                         ",".join("<%s>" % printable(r) for r in envelope.recipients),
+                         printable(transaction.redirect))
+                envelope.recipients[:] = [transaction.redirect]
+            self.inner = session.spool.create(envelope)
+            self.inner.write(session.received_header(envelope))
+            for line in transaction.prepend:
+                self.inner.write(line.encode("utf-8") + b"\r\n")
+            message.write_to(self.inner)
+            if transaction.hold is not None:
+                session.spool.hold(envelope.id, transaction.hold)
+            self.inner.commit()
             self.committed = True
-            return
-        if transaction.redirect is not None:
-            log.info("%s: redirected id=%s from %s to <%s>", session.tag, envelope.id,
-                     ",".join("<%s>" % printable(r) for r in envelope.recipients),
-                     printable(transaction.redirect))
-            envelope.recipients[:] = [transaction.redirect]
-        self.inner = session.spool.create(envelope)
-        self.inner.write(session.received_header(envelope))
-        for line in transaction.prepend:
-            self.inner.write(line.encode("utf-8") + b"\r\n")
-        self.buffer.seek(0)
-        shutil.copyfileobj(self.buffer, self.inner, COPY_CHUNK)
-        if transaction.hold is not None:
-            session.spool.hold(envelope.id, transaction.hold)
-        self.inner.commit()
-        self.committed = True
+        finally:
+            message.close()
 
     def close(self):
         self.buffer.close()
         self.inner.close()
 
 
-__all__ = ["FilterReply", "FilterWriter", "Filters"]
+class EditedMessage:
+    """The message as the filters see and change it: its header fields, and its body
+    (the received one, or the milters' replacement), both bounded.
+
+    headers is [[name, value]], value being the text after the colon with its
+    folds ("\\r\\n" and white space), as received; the body stays in a file.
+    """
+
+    def __init__(self, buffer, max_size, tmp=None):
+        self.buffer, self.max_size, self.tmp = buffer, max_size, tmp
+        self.headers, self.blank_line = [], False
+        buffer.seek(0)
+        while True:
+            line = buffer.readline(HEADER_LIMIT)
+            if line in (b"\r\n", b""):
+                self.blank_line = line == b"\r\n"
+                break
+            text = line[:-2].decode("utf-8", "surrogateescape")
+            if text[:1] in (" ", "\t") and self.headers:
+                self.headers[-1][1] += "\r\n" + text
+                continue
+            name, colon, value = text.partition(":")
+            if not colon or not HEADER_NAME.match(name) or not line.endswith(b"\r\n"):
+                # No header section (check_headers let it through): all of it is body.
+                self.headers = []
+                buffer.seek(0)
+                break
+            self.headers.append([name, value])
+        self.body_offset = buffer.tell()
+        self.body = None  # a replacement from a milter: a temporary file
+
+    # -- as milters see it -------------------------------------------------------
+
+    def milter_headers(self, leading_space):
+        """[(name, value)]: folds as "\\n" (as Sendmail sends them), one leading space
+        removed unless the milter asked for it (SMFIP_HDR_LEADSPC)."""
+        out = []
+        for name, value in self.headers:
+            if not leading_space and value[:1] == " ":
+                value = value[1:]
+            out.append((name, value.replace("\r\n", "\n")))
+        return out
+
+    def body_chunks(self, size):
+        source = self.body if self.body is not None else self.buffer
+        source.seek(0 if self.body is not None else self.body_offset)
+        while True:
+            chunk = source.read(size)
+            if not chunk:
+                return
+            yield chunk
+
+    # -- changes, each checked ---------------------------------------------------
+
+    def header_value(self, value, leading_space):
+        """A milter's header value as it will be written; ValueError if it could
+        change the message's structure (NUL, bare CR or LF, a fold without white
+        space, a line over 998 octets)."""
+        value = value.replace("\r\n", "\n")
+        if "\0" in value or "\r" in value:
+            raise ValueError("NUL or bare CR in a header value")
+        lines = value.split("\n")
+        if any(line[:1] not in (" ", "\t") or not line.strip() for line in lines[1:]):
+            raise ValueError("a header value's continuation line must begin with white space")
+        if any(len(line.encode("utf-8", "surrogateescape")) > 998 for line in lines):
+            raise ValueError("header line over 998 octets")
+        if any(c < " " and c != "\t" or c == "\x7f" for c in value.replace("\n", "")):
+            raise ValueError("control character in a header value")
+        value = "\r\n".join(lines)
+        return value if leading_space or value[:1] in (" ", "\t") or not value else " " + value
+
+    def add_header(self, name, value, leading_space, index=None):
+        header = [check_name(name), self.header_value(value, leading_space)]
+        if index is None or index >= len(self.headers):
+            self.headers.append(header)
+        else:
+            self.headers.insert(index, header)
+
+    def change_header(self, index, name, value, leading_space):
+        """SMFIR_CHGHEADER: the index-th (from 1) field of that name; an empty value
+        deletes it, a missing one is added (as Sendmail does)."""
+        check_name(name)
+        found = [i for i, (other, _) in enumerate(self.headers) if other.lower() == name.lower()]
+        position = found[index - 1] if 0 < index <= len(found) else None
+        if not value:
+            if position is not None:
+                del self.headers[position]
+        elif position is None:
+            self.add_header(name, value, leading_space)
+        else:
+            self.headers[position][1] = self.header_value(value, leading_space)
+
+    def replace_body(self, chunks):
+        """SMFIR_REPLBODY, all of a milter's chunks: LF becomes CRLF, NUL, bare CR, lines
+        over 1000 octets and a message over max_size are refused (ValueError)."""
+        body = tempfile.SpooledTemporaryFile(IN_MEMORY, dir=self.tmp)
+        size, line, pending_cr = 0, 0, False
+        try:
+            for chunk in chunks:
+                if b"\0" in chunk:
+                    raise ValueError("NUL in the replaced body")
+                if pending_cr:
+                    chunk = b"\r" + chunk
+                pending_cr = chunk.endswith(b"\r")
+                if pending_cr:
+                    chunk = chunk[:-1]
+                if b"\r" in chunk.replace(b"\r\n", b""):
+                    raise ValueError("bare CR in the replaced body")
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+                pieces = chunk.split(b"\r\n")
+                first = line + len(pieces[0])
+                line = first if len(pieces) == 1 else len(pieces[-1])
+                if max(first, line, *map(len, pieces[1:])) > TEXT_LINE_LIMIT - 2:
+                    raise ValueError("line over %d octets in the replaced body" % TEXT_LINE_LIMIT)
+                size += len(chunk)
+                if size > self.max_size:
+                    raise ValueError("replaced body over --max-size")
+                body.write(chunk)
+            if pending_cr:
+                raise ValueError("bare CR in the replaced body")
+            if size and line:
+                body.write(b"\r\n")  # text ends with a line break (RFC 5322 section 2.3)
+        except BaseException:
+            body.close()
+            raise
+        if self.body is not None:
+            self.body.close()
+        self.body = body
+
+    # -- the result ----------------------------------------------------------------
+
+    def write_to(self, writer):
+        for name, value in self.headers:
+            writer.write(("%s:%s\r\n" % (name, value)).encode("utf-8", "surrogateescape"))
+        has_body = self.body is not None or self.buffer.seek(0, 2) > self.body_offset
+        if self.headers and (self.blank_line or has_body):
+            writer.write(b"\r\n")
+        for chunk in self.body_chunks(COPY_CHUNK):
+            writer.write(chunk)
+
+    def close(self):
+        if self.body is not None:
+            self.body.close()
+
+
+def check_name(name):
+    if not HEADER_NAME.match(name):
+        raise ValueError("header name %r is not a field name" % printable(name, 80))
+    return name
+
+
+def check_address(address):
+    """A milter's address ("<a@b>" or "a@b"), checked as a path; ValueError if not one."""
+    text = address.strip()
+    try:
+        parsed, params = parse_path(text if text.startswith("<") else "<%s>" % text)
+    except AddressError:
+        raise ValueError("%r is not an address" % printable(address, 80)) from None
+    if params:
+        raise ValueError("%r is not an address" % printable(address, 80))
+    return parsed
+
+
+__all__ = ["EditedMessage", "FilterReply", "FilterWriter", "Filters"]

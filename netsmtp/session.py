@@ -117,7 +117,7 @@ class Session(Policy):
         if proxy is not None:  # the logs name the proxy too
             self.tag += " via " + printable(proxy.via or "local")
         self.filters = None
-        if self.options.policy_services:
+        if self.options.policy_services or self.options.milters:
             from .filters import Filters  # policy services and milters
             self.filters = Filters(self)
 
@@ -188,6 +188,8 @@ class Session(Policy):
         """
         try:
             self.check_client(self.peer)
+            if self.filters is not None:
+                self.filters.connect()
         except SMTPError as refusal:
             log.info("%s: refused: %s", self.tag, refusal)
             self.reply(refusal.key, *refusal.args_, lines=refusal.lines, replies=refusal.replies)
@@ -365,6 +367,8 @@ class Session(Policy):
 
     def reset_transaction(self):
         """Forget the mail transaction; the one place a transaction ends."""
+        if self.filters is not None:
+            self.filters.abort()  # milters hear of a transaction ended before its end
         self.envelope = None
         self.drop_chunks()
         if self.state in (State.MAIL, State.RCPT, State.CHUNKING):
@@ -575,6 +579,8 @@ class Session(Policy):
         if not (name.isascii() and name.isprintable()):
             raise SMTPError("501 5.5.2", "hostname must be printable ASCII")
         self.check_helo(name)
+        if self.filters is not None:
+            self.filters.helo(name)
         self.reset_transaction()
         self.helo, self.esmtp, self.state = name, esmtp, State.READY
 
@@ -613,6 +619,8 @@ class Session(Policy):
         if params.get("SIZE", 0) > self.options.max_size:
             raise SMTPError("552 5.3.4", self.options.max_size)
         self.check_mail_from(address, params)
+        if self.filters is not None:
+            self.filters.mail(address, params)
         self.envelope = Envelope(sender=address, params=params, helo=self.helo,
                                  client=self.peer, tls=self.tls, auth=self.auth_user)
         self.state = State.MAIL

@@ -1,0 +1,299 @@
+"""Milters (Sendmail milter protocol v6): netsmtp's MTA side against Sendmail's libmilter
+(pymilter), Debian's opendkim, and a scripted milter for what real ones never send."""
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+
+import pytest
+from conftest import IN_CI, ROOT, Conversation, free_port, make_options, spooled, wait_for
+
+from netsmtp.envelope import Envelope
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+PEER = os.path.join(ROOT, "tests", "milters", "pymilter_peer.py")
+
+
+def listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def need_pymilter():
+    """pymilter is Debian's python3-milter, for Debian's own python3."""
+    found = os.path.exists(SYSTEM_PYTHON) and subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import Milter"], capture_output=True).returncode == 0
+    if not found:
+        if IN_CI:
+            pytest.fail("python3-milter is not installed; .ci/run must install it")
+        pytest.skip("python3-milter is not installed (apt-get install python3-milter)")
+
+
+@pytest.fixture
+def pymilter(tmp_path):
+    """The pymilter peer on a free port: (address for --milter, events())."""
+    need_pymilter()
+    port = free_port()
+    events_file = tmp_path / "events.jsonl"
+    proc = subprocess.Popen([SYSTEM_PYTHON, PEER, "inet:%d@127.0.0.1" % port, str(events_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: listening(port) or proc.poll() is not None, what="pymilter")
+    assert proc.poll() is None, proc.stderr.read().decode()
+
+    def events():
+        if not events_file.exists():
+            return []
+        return [json.loads(line) for line in events_file.read_text().splitlines()]
+    yield "inet:127.0.0.1:%d" % port, events
+    proc.kill()  # libmilter's own stop waits seconds for its threads; nothing is kept
+    proc.wait(10)
+
+
+def converse_with(tmp_path, spool, **options):
+    return Conversation(make_options(tmp_path, **options), spool, peer="127.0.0.1")
+
+
+MESSAGE = (b"From: a@example.test\r\nSubject: old subject\r\nX-Remove: me\r\n"
+           b"Subject: second\r\n\r\nold body\r\n.")
+
+
+def message(sender, *recipients, text=MESSAGE):
+    return [b"EHLO client.test", b"MAIL FROM:<%s>" % sender.encode(),
+            *[b"RCPT TO:<%s>" % r.encode() for r in recipients], b"DATA", text, b"QUIT"]
+
+
+def entry(spool):
+    [name] = spooled(spool)
+    envelope = Envelope.thaw(os.path.join(spool.path, name))
+    with envelope.open() as f:
+        return envelope, f.read()
+
+
+def without_trace(text):
+    """The message after netsmtp's Received header (its first line and continuations)."""
+    assert text.startswith(b"Received: ")
+    lines = text.split(b"\r\n")
+    first = next(i for i, line in enumerate(lines[1:], 1) if line[:1] != b"\t")
+    return b"\r\n".join(lines[first:])
+
+
+def test_pymilter_sees_every_stage_with_its_macros(pymilter, tmp_path, spool):
+    """connect (family, address), HELO, MAIL, RCPT, headers, body and end of message
+    reach libmilter, each with the macros milters rely on."""
+    address, events = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    assert converse.codes(message("plain@example.test", "u@example.test"))[-2] == 250
+    seen = {e["event"]: e for e in wait_for(lambda: len(events()) >= 6 and events(),
+                                            what="events")}
+    assert seen["connect"]["address"] == "127.0.0.1"
+    assert seen["connect"]["macros"]["j"] == "mx.test"
+    assert seen["connect"]["macros"]["{client_addr}"] == "127.0.0.1"
+    assert seen["connect"]["macros"]["{daemon_name}"] == "netsmtp"
+    assert seen["helo"]["name"] == "client.test"
+    assert seen["mail"]["sender"] == "<plain@example.test>"
+    assert seen["mail"]["macros"]["{mail_addr}"] == "plain@example.test"
+    assert seen["rcpt"]["macros"]["{rcpt_addr}"] == "u@example.test"
+    assert seen["eoh"]["headers"][1] == ["Subject", "old subject"]
+    # The Received header netsmtp adds is not shown to milters, as in Postfix.
+    assert all(name != "Received" for name, _ in seen["eoh"]["headers"])
+    assert seen["eom"]["body"] == "old body\r\n"
+    queue_id = seen["eom"]["macros"]["i"]
+    envelope, text = entry(spool)
+    assert queue_id == envelope.id and text.startswith(b"Received: ")
+
+
+def test_rcpt_reject_and_replycode(pymilter, tmp_path, spool):
+    """A reject at RCPT is 550 5.7.1 for that recipient only; a reply code is kept."""
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    replies = converse(message("plain@example.test", "reject@example.test",
+                               "code@example.test", "ok@example.test"))
+    assert [lines[0] for _, lines in replies[3:6]] == [
+        "550 5.7.1 Command rejected", "553 5.1.2 no such domain here",
+        "250 2.1.5 Recipient <ok@example.test> OK"]
+    assert replies[-2][0] == 250
+    assert entry(spool)[0].recipients == ["ok@example.test"]
+
+
+def test_tempfail_at_mail(pymilter, tmp_path, spool):
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    replies = converse(message("tempfail-mail@example.test", "u@example.test"))
+    assert replies[2][1] == ["451 4.7.1 Service unavailable - try again later"]
+
+
+@pytest.mark.parametrize("sender, reply", [
+    ("replycode@example.test", "554 5.7.1 go away"),
+    ("reject@example.test", "550 5.7.1 Command rejected"),
+    ("tempfail@example.test", "451 4.7.1 Service unavailable - try again later"),
+])
+def test_refusal_at_end_of_message_leaves_nothing(pymilter, tmp_path, spool, sender, reply):
+    """The milter's refusal is the reply to the final dot; nothing is spooled."""
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    replies = converse(message(sender, "u@example.test"))
+    assert replies[-2][1] == [reply]
+    assert spooled(spool) == [] and os.listdir(spool.tmp) == []
+
+
+def test_modifications_are_in_the_spooled_message(pymilter, tmp_path, spool):
+    """Added, inserted, changed and deleted headers and a body replaced in three chunks
+    (LF made CRLF) are what the spool holds, committed before the 250."""
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    assert converse.codes(message("modify@example.test", "u@example.test"))[-2] == 250
+    _, text = entry(spool)
+    assert without_trace(text) == (
+        b"X-First: top\r\nFrom: a@example.test\r\nSubject: new subject\r\n"
+        b"Subject: second\r\nX-Test: 1\r\n\r\n"
+        b"new body line 1\r\nnew body line 2\r\nlast line\r\n")
+
+
+def test_envelope_changes(pymilter, tmp_path, spool):
+    """Add and delete recipient, change sender: the spooled envelope has them."""
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    assert converse.codes(message("envelope@example.test", "gone@example.test",
+                                  "kept@example.test"))[-2] == 250
+    envelope, _ = entry(spool)
+    assert envelope.sender == "changed@example.test"
+    assert envelope.recipients == ["kept@example.test", "added@example.test"]
+
+
+def test_discard_answers_250_and_keeps_nothing(pymilter, tmp_path, spool):
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    replies = converse(message("discard@example.test", "u@example.test"))
+    assert replies[-2][0] == 250
+    assert spooled(spool) == []
+
+
+def test_quarantine_without_a_hold_queue_is_the_default_action(pymilter, tmp_path, spool):
+    """Until the spool can hold, a quarantine is not taken as accept: the default action."""
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    replies = converse(message("quarantine@example.test", "u@example.test"))
+    assert replies[-2][1] == ["451 4.7.1 Service unavailable - try again later"]
+    assert spooled(spool) == []
+
+
+def test_a_header_that_would_change_the_structure_is_refused(pymilter, tmp_path, spool):
+    """A milter's "x\\n\\nbody" header value never reaches the spool."""
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    replies = converse(message("badheader@example.test", "u@example.test"))
+    assert replies[-2][0] == 451
+    assert spooled(spool) == []
+
+
+def test_rset_aborts_and_the_next_mail_is_clean(pymilter, tmp_path, spool):
+    """RSET after MAIL sends an abort; the next transaction gets its own MAIL and EOM."""
+    address, events = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    converse([b"EHLO client.test", b"MAIL FROM:<first@example.test>", b"RCPT TO:<u@example.test>",
+              b"RSET", *message("second@example.test", "v@example.test")[1:]])
+    names = [e["event"] for e in wait_for(lambda: any(e["event"] == "eom" for e in events())
+                                          and events(), what="eom")]
+    assert names.index("abort") > names.index("mail")
+    mails = [e["sender"] for e in events() if e["event"] == "mail"]
+    assert mails == ["<first@example.test>", "<second@example.test>"]
+    assert entry(spool)[0].sender == "second@example.test"
+
+
+@pytest.mark.parametrize("default, code", [("tempfail", 451), ("reject", 550), ("accept", 250)])
+def test_unreachable_milter_gets_the_default_action(tmp_path, spool, default, code):
+    port = free_port()
+    converse = converse_with(tmp_path, spool, milters="inet:127.0.0.1:%d" % port,
+                             milter_default_action=default)
+    replies = converse(message("a@example.test", "u@example.test"))
+    assert replies[2][0] == code
+    assert (spooled(spool) != []) == (default == "accept")
+
+
+class ScriptedMilter:
+    """Answers negotiation properly, then every later packet with the bytes given."""
+
+    def __init__(self, answer, negotiate=None):
+        self.answer, self.negotiate = answer, negotiate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                while True:
+                    head = conn.recv(4, socket.MSG_WAITALL)
+                    if len(head) < 4:
+                        return
+                    data = conn.recv(struct.unpack("!I", head)[0], socket.MSG_WAITALL)
+                    if data[:1] == b"O":
+                        conn.sendall(self.negotiate or struct.pack("!IcIII", 13, b"O", 6, 0x1FF, 0))
+                    elif data[:1] not in (b"D", b"A", b"Q"):
+                        conn.sendall(self.answer)
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+
+
+def reply_packet(command, data=b""):
+    return struct.pack("!I", len(data) + 1) + command + data
+
+
+@pytest.mark.parametrize("answer, negotiate", [
+    (reply_packet(b"y", b"250 ok\0"), None),            # a 2xx reply code is no refusal
+    (reply_packet(b"y", b"550 4.7.1 mixed\0"), None),   # class mismatch
+    (reply_packet(b"y", b"550 5.7.1 a\r\n250 b\0"), None),
+    (b"UNKNOWN COMMAND\n", None),                       # clamd's port: length 0x554e4b4e
+    (struct.pack("!I", 0), None),                       # length 0
+    (reply_packet(b"h", b"X-A\0b\0"), None),            # a modification before EOM
+    (reply_packet(b"c"), struct.pack("!IcIII", 13, b"O", 7, 0, 0)),         # version 7
+    (reply_packet(b"c"), struct.pack("!IcIII", 13, b"O", 6, 0x200, 0)),     # action not offered
+], ids=["2xx", "class", "multiline-2xx", "text", "zero", "early-mod", "v7", "action"])
+def test_a_milter_breaking_the_protocol_gets_the_default_action(tmp_path, spool, answer,
+                                                                 negotiate):
+    """Invalid replies, garbage frames and bad negotiations: never an invalid reply,
+    never a 250 the milter made up; the default action (tempfail) instead."""
+    milter = ScriptedMilter(answer, negotiate)
+    try:
+        converse = converse_with(tmp_path, spool, milters=milter.address, milter_timeout=5)
+        replies = converse(message("a@example.test", "u@example.test"))
+    finally:
+        milter.close()
+    assert replies[2][1] == ["451 4.7.1 Service unavailable - try again later"]
+    assert spooled(spool) == []
+
+
+def test_a_silent_milter_times_out(tmp_path, spool):
+    milter = ScriptedMilter(b"")  # negotiates, then never answers
+    try:
+        converse = converse_with(tmp_path, spool, milters=milter.address, milter_timeout=0.5)
+        replies = converse(message("a@example.test", "u@example.test"))
+    finally:
+        milter.close()
+    assert replies[2][0] == 451
+
+
+def test_milters_through_the_command_line(pymilter, server_factory):
+    """--milter twice on the daemon's command line: both applied, in order."""
+    import smtplib
+    address, events = pymilter
+    server = server_factory("--milter", address, "--milter", address)
+    with smtplib.SMTP("127.0.0.1", server.port) as client:
+        client.ehlo("client.test")
+        client.mail("plain@example.test")
+        assert client.rcpt("reject@example.test")[0] == 550
+        assert client.rcpt("ok@example.test")[0] == 250
+    wait_for(lambda: sum(e["event"] == "rcpt" for e in events()) >= 3, what="rcpt events")
