@@ -9,7 +9,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import IN_CI, ROOT, Conversation, free_port, make_options, spooled, wait_for
+from conftest import IN_CI, ROOT, Conversation, free_port, make_options, need_tool, spooled, wait_for
 
 from netsmtp.envelope import Envelope
 
@@ -297,3 +297,51 @@ def test_milters_through_the_command_line(pymilter, server_factory):
         assert client.rcpt("reject@example.test")[0] == 550
         assert client.rcpt("ok@example.test")[0] == 250
     wait_for(lambda: sum(e["event"] == "rcpt" for e in events()) >= 3, what="rcpt events")
+
+
+def need_system_module(module, package):
+    found = os.path.exists(SYSTEM_PYTHON) and subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import " + module], capture_output=True).returncode == 0
+    if not found:
+        if IN_CI:
+            pytest.fail("%s is not installed; .ci/run must install it" % package)
+        pytest.skip("%s is not installed (apt-get install %s)" % (package, package))
+
+
+def test_opendkim_signs_and_dkimpy_verifies(tmp_path, spool):
+    """Debian's opendkim signs a message from 127.0.0.1 (an InternalHost: the connect
+    stage's family and address are right), and dkimpy verifies the spooled message with
+    opendkim-genkey's public key, offline; a changed body then fails to verify."""
+    opendkim, genkey = need_tool("opendkim"), need_tool("opendkim-genkey")
+    need_system_module("dkim", "python3-dkim")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    subprocess.run([genkey, "-b", "2048", "-d", "example.test", "-s", "t1", "-D", str(keys)],
+                   check=True, timeout=60)
+    port = free_port()
+    config = tmp_path / "opendkim.conf"
+    config.write_text(
+        "Mode s\nDomain example.test\nSelector t1\nKeyFile %s\nSocket inet:%d@127.0.0.1\n"
+        "Canonicalization relaxed/simple\nInternalHosts 127.0.0.1\nRequireSafeKeys no\n"
+        "Background no\nSyslog no\nPidFile %s\n" % (keys / "t1.private", port, tmp_path / "pid"))
+    proc = subprocess.Popen([opendkim, "-f", "-x", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="opendkim")
+        assert proc.poll() is None, proc.stderr.read().decode()
+        converse = converse_with(tmp_path, spool, milters="inet:%d@127.0.0.1" % port)
+        text = (b"From: a@example.test\r\nTo: u@example.test\r\nSubject: signed\r\n"
+                b"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\n\r\nhello, signed world\r\n.")
+        assert converse.codes(message("a@example.test", "u@example.test", text=text))[-2] == 250
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    _, spooled_text = entry(spool)
+    assert b"\r\nDKIM-Signature: v=1; a=rsa-sha256;" in spooled_text
+    signed = tmp_path / "signed.eml"
+    signed.write_bytes(spooled_text)
+    verify = [SYSTEM_PYTHON, os.path.join(ROOT, "tests", "milters", "dkim_verify.py"),
+              str(signed), str(keys / "t1.txt")]
+    assert subprocess.run(verify, timeout=60).returncode == 0
+    signed.write_bytes(spooled_text.replace(b"signed world", b"forged world"))
+    assert subprocess.run(verify, timeout=60).returncode == 1
