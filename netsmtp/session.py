@@ -52,6 +52,8 @@ class Session(Policy):
     Methods that may be overridden:
         check_client, check_helo, check_mail_from, check_rcpt_to,
         check_message   the policy hooks, see netsmtp.policy.Policy
+        resolve_recipient(address)  what a local recipient comes to: the
+                        recipient table, the Maildir check, verification
         tls_context()   the ssl.SSLContext for STARTTLS and implicit TLS
         authenticate(user, password)  True when the credentials are good
         extensions()    the EHLO keywords; may be extended

@@ -332,3 +332,34 @@ def test_the_probe_uses_the_smarthosts_tls_and_auth(tmp_path):
         assert converse_with(untrusting).codes(rcpts("bob@bench.test"))[3] == 450
         assert cached(untrusting, "bob@bench.test") is None
         assert not any(c.startswith("RCPT TO:<bob") for c in server.commands)
+
+
+def test_cached_answers_expire_and_the_cache_stays_bounded(tmp_path, monkeypatch):
+    """An answer lives for its TTL; pruning drops what expired and the oldest past the cap."""
+    cache = verify.VerifyCache(str(tmp_path), ttls=(100, 10))
+    cache.put("Ann@bench.test", 250, "250 ok", ttl=100, now=1000)
+    assert cache.get("ann@bench.test", now=1099) == (250, "250 ok")
+    assert cache.get("ann@bench.test", now=1100) is None
+    # A file that names another address (a hash collision, a stray copy) is no answer.
+    other = os.path.join(cache.directory, cache.name("bob@bench.test") + ".json")
+    shutil.copy(os.path.join(cache.directory, cache.name("ann@bench.test") + ".json"), other)
+    assert cache.get("bob@bench.test", now=1000) is None
+    for name in os.listdir(cache.directory):
+        os.unlink(os.path.join(cache.directory, name))
+    stamps = {"old": 1000, "u1": 2001, "u2": 2002, "u3": 2003, "u4": 2004}
+
+    def left():
+        return sorted(f for f in os.listdir(cache.directory) if f.endswith(".json"))
+
+    def names(*keys):
+        return sorted(cache.name(key + "@bench.test") + ".json" for key in keys)
+
+    for key, stamp in stamps.items():
+        cache.put(key + "@bench.test", 550, "550 no", ttl=10)
+        os.utime(os.path.join(cache.directory, cache.name(key + "@bench.test") + ".json"),
+                 (stamp, stamp))
+    cache.prune(now=2004)  # "old" is older than the longest TTL
+    assert left() == names("u1", "u2", "u3", "u4")
+    monkeypatch.setattr(verify, "MAX_CACHED", 2)
+    cache.prune(now=2004)  # over the cap: the oldest go
+    assert left() == names("u3", "u4")
