@@ -10,6 +10,8 @@ address literal.  Non-ASCII characters are allowed by the grammar here
 import ipaddress
 import re
 
+from .replies import invisible
+
 # Each class is ASCII characters plus all of U+00A0..U+10FFFF, written as
 # the complement of what it leaves out: a class with a range up to U+10FFFF
 # costs sre about 2 ms to compile, and the stdin mode imports this module on
@@ -59,6 +61,9 @@ def parse_path(text):
     if not match:
         raise AddressError("path")
     address = match.group(1)
+    if not address.isascii() and any(invisible(c) for c in address):
+        # U+2028 and kin would become line breaks in a bounce's headers.
+        raise AddressError("path")
     local, domain = match.group(2), match.group(3)
     if (len(address.encode()) + 2 > PATH_LIMIT
             or local and len(local.encode()) > LOCAL_PART_LIMIT
@@ -76,7 +81,7 @@ def parse_params(text):
         if not word:
             continue
         match = PARAM.fullmatch(word)
-        if not match:
+        if not match or not word.isascii() and any(invisible(c) for c in word):
             name = word.partition("=")[0]
             raise ParameterError(name.upper() if _KEYWORD.fullmatch(name[:32]) else "(malformed)")
         key = match.group(1).upper()

@@ -20,7 +20,7 @@ from email.utils import formatdate, make_msgid
 
 from . import dsn
 from .envelope import Envelope
-from .replies import printable
+from .replies import invisible, printable
 from .spool import new_queue_id
 
 # The original header section is quoted up to this size (RFC 3462 allows
@@ -89,6 +89,22 @@ def returns_full(envelope, action, full_limit):
             and envelope.size is not None and envelope.size <= full_limit)
 
 
+def field(value):
+    """value as one header or delivery-status field: nothing in it can break a line.
+
+    Addresses are checked at MAIL and RCPT, but an entry may be older, an
+    override may have replaced a recipient, and a DSN parameter decodes to
+    any octet: every control, separator and format character (everything
+    str.splitlines() breaks at) is escaped, so no field of a report can
+    start another (security review 2, M3).
+    """
+    text = str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join("\\x%02x" % ord(c) if c < " " or c == "\x7f"
+                   else printable(c) if c > "\x7f" and invisible(c) else c for c in text)
+
+
 def status_fields(envelope, action, records, hostname, now, retry_until=None):
     """The delivery-status fields: [per-message block, per-recipient blocks...] of (name, value)."""
     per_message = [("Reporting-MTA", "dns; %s" % hostname)]
@@ -142,14 +158,15 @@ def build_report(envelope, action, records, hostname, now=None, full_limit=DEFAU
         original = original_headers(envelope)
         original_type = "message/global-headers" if utf8 else "text/rfc822-headers"
 
-    lines = "\n".join("<%s>: %s" % (r.address, printable(r.reply) if r.reply else action)
+    lines = "\n".join("<%s>: %s" % (field(r.address), printable(r.reply) if r.reply else action)
                       for r in records)
     until = formatdate(retry_until, localtime=True) if retry_until else "later"
     text = EXPLANATION % {"host": hostname, "what": what % {"until": until},
                           "returned": "It is attached below." if full else
                           "Its header section is attached below.", "lines": lines}
     blocks = status_fields(envelope, action, records, hostname, now, retry_until)
-    status = "\r\n\r\n".join("\r\n".join("%s: %s" % field for field in block)
+    status = "\r\n\r\n".join("\r\n".join("%s: %s" % (name, field(value))
+                                         for name, value in block)
                                for block in blocks) + "\r\n"
     parts = [("text/plain; charset=%s" % ("us-ascii" if text.isascii() else "utf-8"),
               text.replace("\n", "\r\n").encode("utf-8")),
@@ -168,7 +185,7 @@ def build_report(envelope, action, records, hostname, now=None, full_limit=DEFAU
             ("MIME-Version", "1.0"),
             ("Content-Type", 'multipart/report; report-type=%s; boundary="%s"' % (
                 "global-delivery-status" if utf8 else "delivery-status", boundary))]
-    out = ["%s: %s\r\n" % field for field in head]
+    out = ["%s: %s\r\n" % (name, field(value)) for name, value in head]
     out.append("\r\nThis is a MIME-encapsulated message.\r\n")
     data = "".join(out).encode("utf-8")
     for content_type, body in parts:

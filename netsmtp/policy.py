@@ -16,6 +16,10 @@ from .replies import SMTPError, printable
 
 log = logging.getLogger(__name__)
 
+# Characters of a local part that route the mail on elsewhere (RFC 1123
+# section 5.2.16: the %-hack; UUCP bang paths; a quoted "a@b").
+ROUTING = frozenset("%!@")
+
 # RFC 5322 section 3.6.8: a field name is printable ASCII but the colon;
 # section 4.5.1 (obsolete syntax) lets spaces stand before the colon.
 FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+[ \t]*\Z")
@@ -103,6 +107,11 @@ class Policy:
             if not self.may_relay():
                 raise SMTPError("550 5.7.1", address)
             return None
+        if domain and ROUTING.intersection(address.rpartition("@")[0]) and not self.may_relay():
+            # The %-hack, bang paths and a quoted @ route mail on at a next
+            # hop that trusts netsmtp: relay attempts, refused as Postfix's
+            # allow_untrusted_routing = no does (security review 2, M5).
+            raise SMTPError("550 5.7.1", address)
         resolution = self.resolve_recipient(address)
         if not resolution.accepted:
             log.info("%s: <%s> refused: %s", printable(self.peer or "local"),

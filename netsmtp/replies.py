@@ -63,17 +63,30 @@ REPLIES = MappingProxyType({
 
 _CONTROLS = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7f, 0xa0)]}
 _CONTROLS[ord("\\")] = "\\\\"
+# Beyond C0 and C1: line and paragraph separators (str.splitlines() breaks
+# at U+2028 and U+2029) and format controls such as bidi overrides.
+INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def invisible(char):
+    """True for a character no text netsmtp writes may carry as it is."""
+    import unicodedata
+    return unicodedata.category(char) in INVISIBLE or len(("a%sa" % char).splitlines()) > 1
 
 
 def printable(value, limit=256):
-    """Return value as text safe for a reply or a log line.
+    """Return value as text safe for a reply, a log line or a header.
 
-    Control characters become backslash escapes and the text is cut to limit,
-    so a peer can neither inject a line nor flood a log.
+    Control characters, line separators and format controls become
+    backslash escapes and the text is cut to limit, so a peer can neither
+    inject a line nor hide one, nor flood a log.
     """
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
     text = str(value).translate(_CONTROLS)
+    if not text.isascii():
+        text = "".join(("\\u%04x" % ord(c) if ord(c) <= 0xffff else "\\U%08x" % ord(c))
+                       if c > "\x9f" and invisible(c) else c for c in text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
