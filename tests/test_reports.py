@@ -4,6 +4,7 @@ import email
 import email.policy
 import time
 
+import flufl.bounce
 import pytest
 from smarthost import CaptureServer, run_cli
 from test_send import dumped, start_sink
@@ -115,12 +116,11 @@ def test_no_envid_no_orcpt_means_no_such_fields(spool, smarthost):
 
 def test_flufl_bounce_reads_the_failed_recipients(spool, smarthost):
     """An independent parser (Mailman's flufl.bounce) finds the failed recipient."""
-    flufl = pytest.importorskip("flufl.bounce")
     put(spool, recipients=["u@x.test", "ok@x.test"])
     smarthost.rcpt_replies["u@x.test"] = "550 5.1.1 no such user"
     assert send(spool, smarthost) == 0
     [(_, raw, _)] = reports(spool)
-    found = flufl.scan_message(email.message_from_bytes(raw))
+    found = flufl.bounce.scan_message(email.message_from_bytes(raw))
     assert {a.decode() if isinstance(a, bytes) else a for a in found} == {"u@x.test"}
 
 
