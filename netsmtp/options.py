@@ -382,8 +382,8 @@ SPEC = {opt.name: opt for opt in (
     Option("milter_default_action", "tempfail", parse_milter_action,
            "tempfail, accept or reject, for a milter that is down, slow or broken"),
     Option("log_level", "info", parse_log_level, "debug, info, warning or error",
-           (DAEMON, SEND)),
-    Option("syslog", False, parse_bool, "log to syslog instead of stderr", (DAEMON, SEND)),
+           (DAEMON, SEND, QUEUE)),
+    Option("syslog", False, parse_bool, "log to syslog instead of stderr", (DAEMON, SEND, QUEUE)),
 )}
 
 

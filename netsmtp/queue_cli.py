@@ -93,17 +93,29 @@ def send_main(argv=None, runner_class=None):
 
 
 def queue_main(argv=None):
-    """netsmtp-queue: list the queue like mailq, or as JSON with --json."""
+    """netsmtp-queue: list the queue like mailq, or as JSON; or hold, release, delete, retry."""
     from .spool import Spool
-    parser = Parser(prog=QUEUE, description="List the messages in the spool.")
+    parser = Parser(prog=QUEUE, description=(
+        "List the messages in the spool, or change entries: hold, release, delete, retry now "
+        "(ID... or ALL)."))
     add_options(parser, options_of(QUEUE))
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print a JSON list of entries")
     output.add_argument("--prometheus", action="store_true",
                         help="print Prometheus metrics for node_exporter's textfile collector")
+    for action, what in (("hold", "keep entries from being sent until released"),
+                         ("release", "let held entries be sent again"),
+                         ("delete", "remove entries for good, with no bounce (logged)"),
+                         ("retry_now", "make entries due now for netsmtp-send --due")):
+        output.add_argument("--" + action.replace("_", "-"), nargs="+", metavar="ID",
+                            dest=action, help=what + "; ALL for every entry")
     args = parser.parse_args(argv)
     options = options_from(parser, args)
     spool = Spool(options.spool)
+    for action in ("hold", "release", "delete", "retry_now"):
+        if getattr(args, action):
+            setup_logging(options)
+            return control_main(spool, action, getattr(args, action))
     entries, broken = [], 0
     try:
         for queue_id, envelope in spool.envelopes():
@@ -128,6 +140,32 @@ def queue_main(argv=None):
     return 1 if broken else 0
 
 
+def control_main(spool, action, names):
+    """Apply one queue-control action to each id; exit 0 if every one was done, else 1."""
+    from .control import Busy, Unknown, control, queue_ids
+    from .replies import printable
+    try:
+        ids = queue_ids(spool, names)
+    except OSError as exc:
+        print("%s: error: %s: %s" % (QUEUE, spool.path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    failed = False
+    for queue_id in ids:
+        try:
+            done = control(spool, action, queue_id)
+        except Unknown:
+            print("%s: %s: no such entry" % (QUEUE, printable(queue_id)), file=sys.stderr)
+        except Busy:
+            print("%s: %s: busy (being sent), skipped" % (QUEUE, queue_id), file=sys.stderr)
+        except (OSError, ValueError) as exc:
+            print("%s: %s: %s" % (QUEUE, queue_id, printable(exc)), file=sys.stderr)
+        else:
+            print("%s: %s" % (queue_id, done))
+            continue
+        failed = True
+    return 1 if failed else 0
+
+
 def print_queue(entries, out):
     """The queue like sendmail's mailq: an entry, then a line per recipient."""
     from .replies import printable
@@ -137,8 +175,9 @@ def print_queue(entries, out):
     out.write("%-24s %9s  %-19s  %s\n" % ("Queue ID", "Size", "Arrival", "Sender/Recipient"))
     recipients = 0
     for e in entries:
-        out.write("%-24s %9d  %-19s  <%s>%s\n" % (
+        out.write("%-24s %9d  %-19s  <%s>%s%s\n" % (
             e.id, e.size, _when(e.arrival), printable(e.sender),
+            "  held" if e.held else "",
             "  attempts %d, next %s" % (e.attempts, _when(e.due_at)) if e.attempts else ""))
         for r in e.recipients:
             record = e.status[r]

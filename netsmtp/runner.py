@@ -31,6 +31,7 @@ class Run(enum.StrEnum):
     BUSY = "busy"                           # another sender had the claim
     GONE = "gone"                           # finished by another sender
     NOT_DUE = "not-due"                     # --due, and its time has not come
+    HELD = "held"                           # netsmtp-queue --hold: never tried until released
     QUARANTINED = "quarantined"             # unreadable, moved aside
     ERROR = "error"                         # the spool could not be read or written
     PLANNED = "planned"                     # --dry-run
@@ -158,7 +159,7 @@ class QueueRunner:
             except (OSError, ValueError, Incomplete):
                 due.append((0, spool, queue_id))  # gone, quarantined or removed when sent
                 continue
-            if envelope.due_at <= now:
+            if envelope.due_at <= now and not envelope.held:
                 due.append((envelope.arrival or 0, spool, queue_id))
         due.sort(key=lambda item: (item[0], item[2]))
         return [(spool, queue_id) for _, spool, queue_id in due]
@@ -256,6 +257,9 @@ class QueueRunner:
     def attempt(self, spool, envelope, now=None):
         """One delivery attempt of a claimed entry, recorded in the spool."""
         now = time.time() if now is None else now
+        if envelope.held:
+            return Outcome(envelope.id, Run.HELD, envelope, note="release with netsmtp-queue "
+                           "--release")
         if self.due_only and envelope.due_at > now:
             return Outcome(envelope.id, Run.NOT_DUE, envelope)
         pending = envelope.recipients_in(Status.PENDING, Status.DEFERRED)
@@ -411,6 +415,8 @@ class QueueRunner:
                            % exc.age(now))
         except ValueError as exc:
             return Outcome(queue_id, Run.WOULD_QUARANTINE, note=str(exc))
+        if envelope.held:
+            return Outcome(queue_id, Run.HELD, envelope)
         if self.due_only and envelope.due_at > now:
             return Outcome(queue_id, Run.NOT_DUE, envelope)
         results = {}
