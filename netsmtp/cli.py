@@ -116,6 +116,9 @@ def main(argv=None):
         parser.error("--sink cannot be used with --stdin: stdout is the SMTP session there")
     if options.verify_recipients and not options.smarthost:
         parser.error("--verify-recipients needs --smarthost")
+    if options.lmtp and isinstance(options.listen, tuple) and options.listen[1] == 25:
+        # RFC 2033 section 5: LMTP must not be used on the SMTP port.
+        parser.error("--lmtp cannot listen on port 25 (RFC 2033 section 5)")
     setup_logging(options, protocol_on_stdio=options.stdin)
     if options.sink:
         return sink_main(options)
@@ -155,19 +158,22 @@ def main(argv=None):
             print("netsmtp: error: " + message, file=sys.stderr)
         return 1
 
+    session_class = None
+    if options.lmtp:
+        from .lmtp_session import LMTPSession as session_class
     if options.stdin:
         from .inetd import serve_stdin
-        serve_stdin(options, spool)
+        serve_stdin(options, spool, *([session_class] if session_class else []))
         return 0
 
-    return serve(options, spool)
+    return serve(options, spool, session_class)
 
 
 def sink_main(options):
     """--sink: serve with a Sink for a spool; limits' state lives in a temporary directory."""
     import tempfile
     from .sink import Sink, SinkSession, is_loopback
-    if not is_loopback(options.listen[0]):
+    if isinstance(options.listen, tuple) and not is_loopback(options.listen[0]):
         log.warning("--sink listens on %s, not a loopback address: anyone who can reach it "
                     "can send it mail to print", options.listen[0] or "*")
     sink = Sink(options.sink_dir)
@@ -196,15 +202,17 @@ def serve(options, spool, session_class=None):
         from .prefork import PreforkServer as Server
     else:
         from .server import ForkingServer as Server
+    from .listener import describe
     try:
         server = Server(options, spool, session_class or Session)
     except OSError as exc:
-        print("netsmtp: error: cannot listen on %s:%d: %s" % (
-            *options.listen, exc.strerror or exc), file=sys.stderr)
+        print("netsmtp: error: cannot listen on %s: %s" % (
+            describe(options.listen), exc.strerror or exc), file=sys.stderr)
         return 1
-    host, port = server.server_address[:2]
-    log.info("listening on %s:%d spool=%s hostname=%s workers=%s", host, port,
-             options.spool, options.hostname, options.workers or "fork")
+    address = options.listen if isinstance(options.listen, str) else server.server_address
+    log.info("listening on %s spool=%s hostname=%s workers=%s%s", describe(address),
+             options.spool, options.hostname, options.workers or "fork",
+             " protocol=LMTP" if options.lmtp else "")
     server.serve()
     return 0
 

@@ -135,6 +135,13 @@ class Connection:
         self.transport.close()
 
 
+def peer_of(client_address):
+    """The client IP address of accept()'s address; None for a Unix socket's ("local")."""
+    if isinstance(client_address, tuple) and client_address:
+        return client_address[0]
+    return None
+
+
 def address_from(environ):
     """(address, variable) from the first ADDRESS_VARIABLES holding an IP address."""
     for name in ADDRESS_VARIABLES:

@@ -151,6 +151,16 @@ def parse_milter_action(value):
     return action
 
 
+def parse_mode(value):
+    """File permissions in octal: "0660", "660" or a TOML number such as 0o660."""
+    if isinstance(value, bool):
+        raise ValueError("expected an octal mode, got %r" % value)
+    mode = value if isinstance(value, int) else int(str(value), 8)
+    if not 0 <= mode <= 0o777:
+        raise ValueError("expected a mode from 0 to 0777, got %r" % value)
+    return mode
+
+
 def parse_str(value):
     return str(value)
 
@@ -233,7 +243,12 @@ class Option:
 
 
 SPEC = {opt.name: opt for opt in (
-    Option("listen", "127.0.0.1:2525", parse_hostport, "address of the daemon, HOST:PORT"),
+    Option("listen", "127.0.0.1:2525", parse_endpoint,
+           "address of the daemon, HOST:PORT or unix:PATH"),
+    Option("listen_mode", "0660", parse_mode,
+           "permissions of the socket file of --listen unix:PATH, in octal"),
+    Option("lmtp", False, parse_bool,
+           "speak LMTP (RFC 2033) instead of SMTP: LHLO, one reply per recipient"),
     Option("stdin", False, parse_bool,
            "serve one session on stdin/stdout (inetd, xinetd, systemd Accept=yes)"),
     Option("spool", "spool", parse_str, "spool directory", (DAEMON, QUEUE)),

@@ -25,7 +25,8 @@ import socket
 import struct
 import time
 
-from .connection import Connection, serve
+from .connection import Connection, peer_of, serve
+from .listener import open_listener
 from .limits import GRACE, SessionTable, SharedLimits, rates_configured, refuse_connection
 from .server import stop_signals
 from .session import Session
@@ -61,10 +62,7 @@ class PreforkServer:
         self.options = options
         self.spool = spool
         self.session_class = session_class
-        host, port = options.listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.create_server((host, port), family=family,
-                                           backlog=options.backlog)
+        self.socket = open_listener(options.listen, options.backlog, options.listen_mode)
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()
         # Never more workers than sessions allowed: each serves one at a time.
@@ -342,7 +340,7 @@ class Worker:
         """Serve one connection (netsmtp.connection); errors end it, not the worker."""
         session = None
         try:
-            connection = Connection.from_socket(request, self.options, peer=client_address[0])
+            connection = Connection.from_socket(request, self.options, peer=peer_of(client_address))
             session = serve(connection, self.options, self.spool, self.session_class,
                             self.server.admission, stop_requested=lambda: self.stop_requested)
         except Exception:

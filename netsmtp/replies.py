@@ -38,6 +38,7 @@ REPLIES = MappingProxyType({
     "452 4.5.3": "Too many recipients",
     "454 4.7.0": "%s",  # TLS not available, or AUTH cannot be run now (RFC 4954 section 6)
     "500 5.5.0": "Line too long (limit %d octets)",
+    "500 5.5.1": "%s is not LMTP; say LHLO (RFC 2033 section 4.1)",
     "500 5.5.2": "Command not recognized",
     "501 5.1.3": "Bad recipient address syntax",
     "501 5.1.7": "Bad sender address syntax",

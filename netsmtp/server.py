@@ -5,10 +5,10 @@ import logging
 import os
 import select
 import signal
-import socket
 import socketserver
 
-from .connection import Connection, serve
+from .connection import Connection, peer_of, serve
+from .listener import open_listener
 from .limits import GRACE, SessionTable, SharedLimits, rates_configured, refuse_connection
 from .session import Session
 
@@ -71,10 +71,11 @@ class ForkingServer(socketserver.ForkingTCPServer):
         if rates_configured(options):
             self.admission.append(SharedLimits(options, sessions=False))
         self.stop_requested = False
-        host, port = options.listen
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), socketserver.BaseRequestHandler)
+        # The socket comes from netsmtp.listener, which also makes Unix sockets.
+        super().__init__(None, socketserver.BaseRequestHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = open_listener(options.listen, options.backlog, options.listen_mode)
+        self.server_address = self.socket.getsockname()
 
     def serve(self):
         """Accept connections until SIGTERM or SIGINT, then wait for the sessions."""
@@ -129,7 +130,7 @@ class ForkingServer(socketserver.ForkingTCPServer):
         # it on shutdown nobody would accept what queues there.
         self.socket.close()
         signal.set_wakeup_fd(-1)
-        connection = Connection.from_socket(request, self.options, peer=client_address[0])
+        connection = Connection.from_socket(request, self.options, peer=peer_of(client_address))
         serve(connection, self.options, self.spool, self.session_class, self.admission,
               stop_requested=lambda: self.stop_requested)
 
