@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 from collections import namedtuple
 
 from . import dsn as dsn_params
@@ -25,6 +26,7 @@ SCHEMA_VERSION = 3
 # An envelope line is bounded by the session's limits (recipients, address
 # lengths); anything longer is not ours.
 MAX_ENVELOPE_LINE = 1 << 20
+MAX_HEADER_LINE = 64 * 1024
 NoneType = type(None)
 
 
@@ -292,9 +294,35 @@ class Envelope:
         data.update(size=self.size, attempts=self.attempts, next_attempt=self.due_at,
                     last_attempt=self.last_attempt, last_error=self.last_error,
                     held=self.held, requiretls=bool(self.params.get("REQUIRETLS")),
+                    tls_required=self.tls_required,
                     recipients=[dict(self.status[r].to_json(), notify=self.status[r].notify,
                                      orcpt=self.status[r].orcpt) for r in self.recipients])
         return data
+
+    @property
+    def tls_required(self):
+        """"no" for a message that asks TLS-Required: No (RFC 8689 section 4.1), else None.
+
+        Read from the spooled header section, which keeps the field; it
+        counts only without REQUIRETLS, and two such fields count as none
+        (section 3 allows one).  It changes nothing while the only relay is
+        a configured smarthost: its TLS mode is the operator's policy, not
+        one the recipient domain asserts.
+        """
+        if self.params.get("REQUIRETLS") or self.path is None:
+            return None
+        values = []
+        with self.open() as message:
+            header = b""
+            for line in iter(lambda: message.readline(MAX_HEADER_LINE), b""):
+                if line in (b"\r\n", b"\n") or len(header) > MAX_ENVELOPE_LINE:
+                    break
+                header += line
+        for field in re.split(rb"\r?\n(?![ \t])", header):
+            name, sep, value = field.partition(b":")
+            if sep and name.strip().lower() == b"tls-required":
+                values.append(b" ".join(value.split()).lower())
+        return "no" if values == [b"no"] else None
 
     @property
     def due_at(self):

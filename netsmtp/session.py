@@ -395,6 +395,9 @@ class Session(Policy):
                     "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "HELP"]
         if self.dsn_available():
             keywords.insert(-1, "DSN")
+        if self.tls:
+            # RFC 8689 section 2: only inside TLS, never a plaintext promise.
+            keywords.insert(-1, "REQUIRETLS")
         if self.tls_available():
             keywords.append("STARTTLS")
         if self.may_offer_auth():
@@ -651,6 +654,10 @@ class Session(Policy):
                 if value is True:
                     raise SMTPError("501 5.5.4", key)
                 params[key] = value if self.auth_user is not None else "<>"
+            elif key == "REQUIRETLS" and self.tls:
+                # RFC 8689 section 2: no value; refused (555) outside TLS.
+                if value is not True:
+                    raise SMTPError("501 5.5.4", key)
             elif key in ("RET", "ENVID") and self.dsn_available():
                 try:
                     params[key] = dsn.check_ret(value) if key == "RET" else dsn.check_envid(value)

@@ -19,11 +19,17 @@ CHUNK = 64 * 1024
 
 
 class SmarthostUnusable(Exception):
-    """The smarthost cannot take mail in this run; carries the Result to defer with."""
+    """The smarthost cannot take mail in this run; carries the Result to defer with.
 
-    def __init__(self, result):
+    tls_failed is set when the reason is TLS (no STARTTLS under
+    smarthost_tls = required, or a handshake that failed or could not
+    verify the certificate): a REQUIRETLS message then fails at once.
+    """
+
+    def __init__(self, result, tls_failed=False):
         super().__init__(str(result))
         self.result = result
+        self.tls_failed = tls_failed
 
 
 class SmarthostDelivery(Delivery):
@@ -69,6 +75,11 @@ class SmarthostDelivery(Delivery):
                 return results
             except SmarthostUnusable as exc:
                 self.unusable = exc
+                if exc.tls_failed and envelope.params.get("REQUIRETLS"):
+                    # RFC 8689 section 4.2.1: never in plaintext, and bounced
+                    # now: the smarthost will not change within the retries.
+                    return dict.fromkeys(recipients, Result(550, "5.7.10 REQUIRETLS: %s" % (
+                        exc.result.text.split(" ", 1)[1],)))
                 return dict.fromkeys(recipients, exc.result)
             except (OSError, smtplib.SMTPException) as exc:
                 self.drop()
@@ -106,11 +117,12 @@ class SmarthostDelivery(Delivery):
                     smtp.starttls(context=context)
                 except ssl.SSLError as exc:
                     raise SmarthostUnusable(Result(451, "4.7.5 smarthost %s TLS failed: %s" % (
-                        where, printable(exc)))) from None
+                        where, printable(exc))), tls_failed=True) from None
                 smtp.ehlo()
             elif mode == "required":
                 raise SmarthostUnusable(Result(451, "4.7.10 smarthost %s does not offer "
-                                               "STARTTLS (smarthost_tls = required)" % where))
+                                               "STARTTLS (smarthost_tls = required)" % where),
+                                        tls_failed=True)
             if self.options.smarthost_user:
                 self.login(smtp, where)
         except BaseException:
@@ -150,6 +162,19 @@ class SmarthostDelivery(Delivery):
         """
         params = envelope.params
         mail_options = []
+        if params.get("REQUIRETLS"):
+            # RFC 8689 section 4.2.1: TLS with a verified certificate (the
+            # context always verifies) and REQUIRETLS after it, or a bounce.
+            if not isinstance(smtp.sock, ssl.SSLSocket):
+                results.update(dict.fromkeys(recipients, Result(
+                    550, "5.7.10 REQUIRETLS: smarthost %s offers no TLS" % self.where)))
+                return
+            if not smtp.has_extn("requiretls"):
+                results.update(dict.fromkeys(recipients, Result(
+                    550, "5.7.30 REQUIRETLS support required: smarthost %s does not offer it"
+                    % self.where)))
+                return
+            mail_options.append("REQUIRETLS")
         if smtp.has_extn("size"):
             mail_options.append("SIZE=%d" % envelope.size)
         if params.get("BODY") == "8BITMIME":

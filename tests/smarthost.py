@@ -46,6 +46,8 @@ class Handler(socketserver.StreamRequestHandler):
                     extensions.append("STARTTLS")
                 if server.auth:
                     extensions.append("AUTH PLAIN")
+                if server.requiretls and tls:
+                    extensions.append("REQUIRETLS")
                 lines = ["capture.test"] + extensions
                 for item in lines[:-1]:
                     self.reply("250-" + item)
@@ -117,6 +119,7 @@ class CaptureServer(socketserver.ThreadingTCPServer):
         self.tls_context, self.auth = tls_context, auth
         self.rcpt_replies = {}
         self.pipelining = False
+        self.requiretls = False  # offer REQUIRETLS (RFC 8689) after STARTTLS
         self.hang_up_after_data = False
         self.mail_reply = "250 2.1.0 ok"
         self.data_reply = "250 2.0.0 queued"
