@@ -137,12 +137,19 @@ class Filters:
                     self.milter_result(milter, milter.default_result(), "eom")
                 continue
             leading = bool(milter.protocol & HDR_LEADSPC)
-            result = milter.message(message.milter_headers(leading),
-                                    message.body_chunks(BODY_CHUNK), self.macro_values())
+            replacement = message.replacement()
             try:
-                self.modify(milter, result, envelope, message, leading)
+                result = milter.message(message.milter_headers(leading),
+                                        message.body_chunks(BODY_CHUNK), self.macro_values(),
+                                        body_sink=replacement.feed)
+                if result.kind in (CONTINUE, ACCEPT):
+                    self.modify(milter, result, envelope, message, leading)
+                    if result.body_replaced:
+                        message.replace_body(replacement.finish())
             except ValueError as exc:
                 result = milter.fail(MilterError("bad modification: %s" % exc))
+            finally:
+                replacement.close()
             self.milter_result(milter, result, "eom")
             if self.current().discard is not None:
                 return
@@ -205,7 +212,6 @@ class Filters:
 
     def modify(self, milter, result, envelope, message, leading):
         """Apply a milter's modifications at end of message; ValueError if one is unsafe."""
-        body = []
         for command, args in result.modifications:
             if command == b"h":
                 message.add_header(args[0], args[1], leading)
@@ -213,8 +219,6 @@ class Filters:
                 message.add_header(args[1], args[2], leading, index=args[0])
             elif command == b"m":
                 message.change_header(args[0], args[1], args[2], leading)
-            elif command == b"b":
-                body.append(args)
             elif command in (b"+", b"2"):
                 address = check_address(args[0])
                 if len(envelope.recipients) >= self.session.options.max_recipients:
@@ -237,8 +241,6 @@ class Filters:
                 if not can_hold(self.session.spool):
                     raise ValueError("quarantine asked, and this spool cannot hold")
                 self.current().hold = "quarantined by milter %s: %s" % (milter.name, args[0])
-        if body:
-            message.replace_body(body)
 
     # -- policy services -------------------------------------------------------
 
@@ -453,39 +455,12 @@ class EditedMessage:
         else:
             self.headers[position][1] = self.header_value(value, leading_space)
 
-    def replace_body(self, chunks):
-        """SMFIR_REPLBODY, all of a milter's chunks: LF becomes CRLF, NUL, bare CR, lines
-        over 1000 octets and a message over max_size are refused (ValueError)."""
-        body = tempfile.SpooledTemporaryFile(IN_MEMORY, dir=self.tmp)
-        size, line, pending_cr = 0, 0, False
-        try:
-            for chunk in chunks:
-                if b"\0" in chunk:
-                    raise ValueError("NUL in the replaced body")
-                if pending_cr:
-                    chunk = b"\r" + chunk
-                pending_cr = chunk.endswith(b"\r")
-                if pending_cr:
-                    chunk = chunk[:-1]
-                if b"\r" in chunk.replace(b"\r\n", b""):
-                    raise ValueError("bare CR in the replaced body")
-                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-                pieces = chunk.split(b"\r\n")
-                first = line + len(pieces[0])
-                line = first if len(pieces) == 1 else len(pieces[-1])
-                if max(first, line, *map(len, pieces[1:])) > TEXT_LINE_LIMIT - 2:
-                    raise ValueError("line over %d octets in the replaced body" % TEXT_LINE_LIMIT)
-                size += len(chunk)
-                if size > self.max_size:
-                    raise ValueError("replaced body over --max-size")
-                body.write(chunk)
-            if pending_cr:
-                raise ValueError("bare CR in the replaced body")
-            if size and line:
-                body.write(b"\r\n")  # text ends with a line break (RFC 5322 section 2.3)
-        except BaseException:
-            body.close()
-            raise
+    def replacement(self):
+        """A BodyReplacement for a milter's SMFIR_REPLBODY chunks."""
+        return BodyReplacement(self.max_size, self.tmp)
+
+    def replace_body(self, body):
+        """Take a finished replacement (a file) as the body."""
         if self.body is not None:
             self.body.close()
         self.body = body
@@ -504,6 +479,58 @@ class EditedMessage:
     def close(self):
         if self.body is not None:
             self.body.close()
+
+
+class BodyReplacement:
+    """A replaced body as its chunks arrive, checked and kept in a temporary file.
+
+    LF becomes CRLF (Sendmail's milters send LF); NUL, a bare CR, a line over
+    1000 octets or a body over max_size is refused with ValueError.
+    """
+
+    def __init__(self, max_size, tmp=None):
+        self.max_size, self.tmp = max_size, tmp
+        self.file = None
+        self.size, self.line, self.pending_cr = 0, 0, False
+
+    def feed(self, chunk):
+        if self.file is None:
+            self.file = tempfile.SpooledTemporaryFile(IN_MEMORY, dir=self.tmp)
+        if b"\0" in chunk:
+            raise ValueError("NUL in the replaced body")
+        if self.pending_cr:
+            chunk = b"\r" + chunk
+        self.pending_cr = chunk.endswith(b"\r")
+        if self.pending_cr:
+            chunk = chunk[:-1]
+        if b"\r" in chunk.replace(b"\r\n", b""):
+            raise ValueError("bare CR in the replaced body")
+        chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        pieces = chunk.split(b"\r\n")
+        first = self.line + len(pieces[0])
+        self.line = first if len(pieces) == 1 else len(pieces[-1])
+        if max(first, self.line, *map(len, pieces[1:])) > TEXT_LINE_LIMIT - 2:
+            raise ValueError("line over %d octets in the replaced body" % TEXT_LINE_LIMIT)
+        self.size += len(chunk)
+        if self.size > self.max_size:
+            raise ValueError("replaced body over --max-size")
+        self.file.write(chunk)
+
+    def finish(self):
+        """The replacement as a file; the caller owns it from here on."""
+        if self.pending_cr:
+            raise ValueError("bare CR in the replaced body")
+        if self.file is None:
+            self.file = tempfile.SpooledTemporaryFile(IN_MEMORY, dir=self.tmp)
+        if self.size and self.line:
+            self.file.write(b"\r\n")  # text ends with a line break (RFC 5322 section 2.3)
+        body, self.file = self.file, None
+        return body
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def check_name(name):

@@ -30,6 +30,7 @@ VERSION = 6
 BODY_CHUNK = 65535          # MILTER_CHUNK_SIZE: body octets per 'B' packet
 MAX_PACKET = 65535 + 4096   # a replaced body chunk and its command, or any other packet
 MAX_EOM_SECONDS = 300.0     # progress replies keep a milter alive this long at most (Postfix's content timeout)
+MAX_EDITS = 1 << 20         # octets of header and envelope changes at one end of message
 
 # SMFIF_*: the modifications a milter may ask to make.
 ADDHDRS, CHGBODY, ADDRCPT, DELRCPT, CHGHDRS, QUARANTINE, CHGFROM, ADDRCPT_PAR, SETSYMLIST = (
@@ -110,6 +111,7 @@ class Result:
 
     def __init__(self, kind, reply=None):
         self.kind, self.reply, self.modifications = kind, reply, []
+        self.body_replaced = False
 
     def __repr__(self):
         return "<Result %s %s>" % (self.kind, self.reply or "")
@@ -268,9 +270,13 @@ class Milter:
             return Result(CONTINUE)
         return self.reply(stage)
 
-    def reply(self, stage, result=None):
-        """Read to the reply that ends a stage; at "eom" collect the modifications first."""
-        started = time.monotonic()
+    def reply(self, stage, result=None, body_sink=None):
+        """Read to the reply that ends a stage; at "eom" collect the modifications first.
+
+        A replaced body is not kept here: each chunk goes to body_sink as it
+        comes, and the other changes may hold MAX_EDITS octets at most.
+        """
+        started, edits = time.monotonic(), 0
         while True:
             command, data = self.read()
             if command == PROGRESS:
@@ -293,6 +299,18 @@ class Milter:
                 if not self.actions & MODIFICATIONS[command]:
                     raise MilterError("modification %r was not negotiated" % command)
                 result = result or Result(CONTINUE)
+                if command == b"b":
+                    if body_sink is None:
+                        raise MilterError("no body may be replaced here")
+                    try:
+                        body_sink(data)
+                    except ValueError as exc:
+                        raise MilterError("bad body replacement: %s" % exc) from None
+                    result.body_replaced = True
+                    continue
+                edits += len(data)
+                if edits > MAX_EDITS:
+                    raise MilterError("over %d octets of changes" % MAX_EDITS)
                 result.modifications.append((command, self.modification(command, data)))
                 continue
             raise MilterError("unexpected reply %r at %s" % (command, stage))
@@ -315,8 +333,6 @@ class Milter:
             return (index, *split_strings(data[4:], 2))
         if command == b"h":
             return tuple(split_strings(data, 2))
-        if command == b"b":
-            return data
         if command in (b"+", b"-", b"q"):
             return tuple(split_strings(data, 1))
         return tuple(split_strings(data))  # "2" and "e": an address, then ESMTP arguments
@@ -368,10 +384,11 @@ class Milter:
     def data(self, values):
         return self.run("data", b"", values)
 
-    def message(self, headers, body_chunks, values):
+    def message(self, headers, body_chunks, values, body_sink=None):
         """Headers, end of headers, body and end of message; the EOM Result with its
         modifications.  headers is [(name, value)], values as the milter sees them;
-        body_chunks yields the body in pieces of at most BODY_CHUNK octets."""
+        body_chunks yields the body in pieces of at most BODY_CHUNK octets;
+        body_sink(chunk) takes a replaced body as it arrives."""
         for name, value in headers:
             result = self.run("header", strings(name, value))
             if result.kind not in (CONTINUE,):
@@ -394,7 +411,7 @@ class Milter:
             if macros:
                 self.sock.sendall(macros)
             self.send(b"E")
-            result = self.reply("eom")
+            result = self.reply("eom", body_sink=body_sink)
         except (MilterError, OSError) as exc:
             return self.finish(self.fail(exc))
         return self.finish(result)

@@ -37,6 +37,9 @@ def test_prometheus_counts_entries_recipients_and_age(spool, capsys):
     envelope = Envelope.thaw(spool.entry_path(queue_id))
     envelope.status["z@x.test"] = Recipient("z@x.test", Status.DEFERRED, Result(451, "4.7.1 later"))
     spool.write_state(queue_id, envelope.freeze_state())
+    held = Envelope.thaw(spool.entry_path(put(spool, recipients=["h@x.test"])))
+    held.held = True
+    spool.write_state(held.id, held.freeze_state())
     broken = put(spool)
     spool.quarantine(broken, "test")
     text, samples, declared = metrics_of(capsys, spool)
@@ -45,9 +48,9 @@ def test_prometheus_counts_entries_recipients_and_age(spool, capsys):
         assert ["HELP", name] in declared and ["TYPE", name] in declared
         assert "# TYPE %s gauge" % name in text
     assert samples[("netsmtp_queue_entries", "queued")] == 2
-    assert samples[("netsmtp_queue_entries", "held")] == 0
+    assert samples[("netsmtp_queue_entries", "held")] == 1
     assert samples[("netsmtp_queue_entries", "quarantined")] == 1
-    assert samples[("netsmtp_queue_recipients", "pending")] == 3
+    assert samples[("netsmtp_queue_recipients", "pending")] == 4
     assert samples[("netsmtp_queue_recipients", "deferred")] == 1
     assert samples[("netsmtp_queue_recipients", "failed")] == 0
     assert 600 <= samples[("netsmtp_queue_oldest_seconds", None)] < 3600

@@ -219,8 +219,8 @@ def test_unreachable_milter_gets_the_default_action(tmp_path, spool, default, co
 class ScriptedMilter:
     """Answers negotiation properly, then every later packet with the bytes given."""
 
-    def __init__(self, answer, negotiate=None):
-        self.answer, self.negotiate = answer, negotiate
+    def __init__(self, answer, negotiate=None, eom=None):
+        self.answer, self.negotiate, self.eom = answer, negotiate, eom
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
         threading.Thread(target=self.serve, daemon=True).start()
@@ -239,6 +239,8 @@ class ScriptedMilter:
                     data = conn.recv(struct.unpack("!I", head)[0], socket.MSG_WAITALL)
                     if data[:1] == b"O":
                         conn.sendall(self.negotiate or struct.pack("!IcIII", 13, b"O", 6, 0x1FF, 0))
+                    elif data[:1] == b"E" and self.eom is not None:
+                        conn.sendall(self.eom)
                     elif data[:1] not in (b"D", b"A", b"Q"):
                         conn.sendall(self.answer)
             except OSError:
@@ -273,6 +275,31 @@ def test_a_milter_breaking_the_protocol_gets_the_default_action(tmp_path, spool,
     finally:
         milter.close()
     assert replies[2][1] == ["451 4.7.1 Service unavailable - try again later"]
+    assert spooled(spool) == []
+
+
+ACCEPT = reply_packet(b"a")
+
+
+@pytest.mark.parametrize("eom", [
+    reply_packet(b"h", b"X-A\0" + b"v" * 60000 + b"\0") * 20 + ACCEPT,   # over 1 MiB of changes
+    reply_packet(b"h", b"X-Evil\0x\r\nInjected: 1\0") + ACCEPT,        # a fold without white space
+    reply_packet(b"h", b"X Bad\0x\0") + ACCEPT,                          # not a field name
+    reply_packet(b"b", b"a\0b\r\n") + ACCEPT,                             # NUL in the body
+    reply_packet(b"b", b"x" * 1200 + b"\n") + ACCEPT,                     # a 1200-octet line
+    reply_packet(b"b", b"a\rb\n") + ACCEPT,                               # a bare CR
+    reply_packet(b"b", b"x" * 900 + b"\n") * 40 + ACCEPT,                 # over --max-size
+], ids=["edits", "fold", "name", "nul", "long-line", "bare-cr", "too-big"])
+def test_unsafe_modifications_get_the_default_action(tmp_path, spool, eom):
+    """Changes that could alter the message's structure or grow it without bound are
+    refused: the default action, nothing spooled."""
+    milter = ScriptedMilter(reply_packet(b"c"), eom=eom)
+    try:
+        converse = converse_with(tmp_path, spool, milters=milter.address, max_size=30000)
+        replies = converse(message("a@example.test", "u@example.test"))
+    finally:
+        milter.close()
+    assert replies[-2][1] == ["451 4.7.1 Service unavailable - try again later"]
     assert spooled(spool) == []
 
 
@@ -345,3 +372,16 @@ def test_opendkim_signs_and_dkimpy_verifies(tmp_path, spool):
     assert subprocess.run(verify, timeout=60).returncode == 0
     signed.write_bytes(spooled_text.replace(b"signed world", b"forged world"))
     assert subprocess.run(verify, timeout=60).returncode == 1
+
+
+def test_a_bdat_message_is_filtered_like_data(pymilter, tmp_path, spool):
+    """CHUNKING (RFC 3030): the milters see one message and their changes are spooled."""
+    address, _ = pymilter
+    converse = converse_with(tmp_path, spool, milters=address)
+    body = MESSAGE[:-1]  # BDAT has no final dot
+    replies = converse([b"EHLO client.test", b"MAIL FROM:<modify@example.test>",
+                        b"RCPT TO:<u@example.test>",
+                        b"BDAT %d LAST\r\n%s" % (len(body), body), b"QUIT"])
+    assert replies[-2][0] == 250
+    assert b"Subject: new subject\r\n" in entry(spool)[1]
+    assert entry(spool)[1].endswith(b"\r\n\r\nnew body line 1\r\nnew body line 2\r\nlast line\r\n")
