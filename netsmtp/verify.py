@@ -16,12 +16,12 @@ probe per address and TTL.
 """
 
 import hashlib
-import json
 import logging
 import os
 import smtplib
 import time
 
+from .limits import SharedState
 from .replies import printable
 from .smarthost import SmarthostDelivery, SmarthostUnusable
 
@@ -110,10 +110,18 @@ class ProbeConnection(SmarthostDelivery):
         return smtp
 
 
+def _is_answer(doc):
+    """The shape of a cache file (an empty one is a miss)."""
+    return isinstance(doc, dict) and (not doc or (
+        isinstance(doc.get("address"), str) and type(doc.get("code")) is int
+        and isinstance(doc.get("text"), str) and isinstance(doc.get("expires"), (int, float))))
+
+
 class VerifyCache:
     """Probe answers shared by processes: SPOOL/locks/verify/<hash>.json.
 
-    One file per address, written to a temporary name and renamed, so a
+    One file per address, written through netsmtp.limits.SharedState (a
+    temporary file made with O_EXCL and O_NOFOLLOW, then renamed), so a
     reader never sees half an answer; the address is stored in the file
     too, and a file that does not hold the address asked about is no answer.
     """
@@ -126,29 +134,27 @@ class VerifyCache:
     def name(self, address):
         return hashlib.sha256(address.lower().encode("utf-8")).hexdigest()[:40]
 
+    def entry(self, address):
+        """The cache file of address, read and written like the other files in locks/."""
+        return SharedState(os.path.join(self.directory, self.name(address) + ".json"),
+                           valid=_is_answer)
+
     def get(self, address, now=None):
         """(code, text) of a live answer for address, or None."""
         now = time.time() if now is None else now
         try:
-            with open(os.path.join(self.directory, self.name(address) + ".json"),
-                      encoding="utf-8") as f:
-                data = json.loads(f.read(4096))
-            if (data["address"] == address.lower() and now < data["expires"]
-                    and isinstance(data["code"], int) and isinstance(data["text"], str)):
-                return data["code"], data["text"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+            data = self.entry(address).load()
+        except OSError:
+            return None
+        if data and data["address"] == address.lower() and now < data["expires"]:
+            return data["code"], data["text"]
         return None
 
     def put(self, address, code, text, ttl, now=None):
         now = time.time() if now is None else now
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        path = os.path.join(self.directory, self.name(address) + ".json")
-        tmp = "%s.%d.tmp" % (path, os.getpid())
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"address": address.lower(), "code": code, "text": text[:200],
-                       "expires": now + ttl}, f)
-        os.replace(tmp, path)
+        self.entry(address).save({"address": address.lower(), "code": code,
+                                  "text": text[:200], "expires": now + ttl})
         self.writes += 1
         if self.writes % PRUNE_EVERY == 0:
             self.prune(now)
