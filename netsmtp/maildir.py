@@ -90,8 +90,9 @@ class MaildirDelivery(Delivery):
             with envelope.open() as message:
                 key = folder.add(_Prefixed(prefix, message))
             # mailbox does not fsync; the spool entry goes once this returns.
-            fd = os.open(os.path.join(path, "new", key), os.O_RDONLY)
+            fd = os.open(os.path.join(path, "new", key), os.O_RDONLY | os.O_NOFOLLOW)
             try:
+                os.fchmod(fd, 0o600)  # mailbox leaves it 0666 less the umask
                 os.fsync(fd)
             finally:
                 os.close(fd)

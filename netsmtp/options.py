@@ -274,6 +274,10 @@ SPEC = {opt.name: opt for opt in (
            "comma-separated networks the PROXY headers may come from; others are closed"),
     Option("proxy_timeout", 5.0, parse_seconds, "seconds allowed for the PROXY header"),
     Option("max_size", 20_000_000, parse_int, "largest message accepted, in octets"),
+    Option("spool_min_free", None, parse_int,
+           "free octets the spool's filesystem keeps: below it MAIL gets 452 4.3.1 and "
+           "netsmtp-send checks each state write before sending (default: 1.5 x max_size)",
+           (DAEMON, SEND)),
     Option("max_recipients", 100, parse_int, "most recipients per message"),
     Option("timeout", 300.0, parse_seconds,
            "idle seconds before a session is closed (RFC 5321 section 4.5.3.2)"),
@@ -432,6 +436,9 @@ class Options:
             self.hostname = socket.getfqdn()
         if self.local_domains is None:
             self.local_domains = (self.hostname.lower(),)
+        if self.spool_min_free is None:
+            # Postfix's queue_minfree logic: room for one and a half messages.
+            self.spool_min_free = self.max_size * 3 // 2
         if self.sink_dir:
             self.sink = True
 

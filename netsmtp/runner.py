@@ -264,6 +264,9 @@ class QueueRunner:
             return Outcome(envelope.id, Run.NOT_DUE, envelope)
         pending = envelope.recipients_in(Status.PENDING, Status.DEFERRED)
         results = {}
+        if pending and not self.state_writable(spool, envelope):
+            return Outcome(envelope.id, Run.ERROR, envelope,
+                           note="not sent: the spool has no room to record the outcome")
         if pending:
             try:
                 results = self.deliver(envelope, pending)
@@ -306,6 +309,22 @@ class QueueRunner:
         outcome = {r: (envelope.status[r].status, results.get(r)) for r in envelope.recipients
                    if r in results or envelope.status[r].status in (Status.BOUNCED, Status.DROPPED)}
         return Outcome(envelope.id, Run.SENT, envelope, outcome, removed=envelope.finished)
+
+    def state_writable(self, spool, envelope):
+        """False when a full spool could not record what a delivery did.
+
+        Below options.spool_min_free the state is written once before
+        sending: if that fails nothing is sent, for a delivery whose outcome
+        cannot be recorded would be repeated by the next run.
+        """
+        try:
+            if spool.free_space() >= self.options.spool_min_free:
+                return True
+            spool.write_state(envelope.id, envelope.freeze_state())
+            return True
+        except OSError as exc:
+            log.error("%s: not sent: cannot record its state: %s", envelope.id, exc)
+            return False
 
     def next_attempt(self, envelope, now):
         """Exponential backoff: retry_initial doubling to retry_max, never past expiry."""

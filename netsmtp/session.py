@@ -623,6 +623,7 @@ class Session(Policy):
             raise SMTPError("553 5.6.7", address)
         if params.get("SIZE", 0) > self.options.max_size:
             raise SMTPError("552 5.3.4", self.options.max_size)
+        self.check_free_space(params.get("SIZE", 0))
         self.check_mail_from(address, params)
         if self.filters is not None:
             self.filters.mail(address, params)
@@ -630,6 +631,25 @@ class Session(Policy):
                                  client=self.peer, tls=self.tls, auth=self.auth_user)
         self.state = State.MAIL
         self.reply("250 2.1.0", address)
+
+    def check_free_space(self, size):
+        """452 4.3.1 while the spool keeps less than options.spool_min_free free.
+
+        So the disk never fills mid-message: a SIZE= larger than the free
+        space less that reserve is refused too (RFC 1870 section 6.1).
+        """
+        reserve = self.options.spool_min_free
+        if not hasattr(self.spool, "free_space"):  # a stand-in such as --sink's
+            return
+        try:
+            free = self.spool.free_space()
+        except OSError as exc:
+            log.error("%s: spool: %s", self.tag, exc)
+            raise SMTPError("452 4.3.1") from None
+        if free < reserve or size > free - reserve:
+            log.warning("%s: refused MAIL: %d octets free in the spool, %d kept in reserve, "
+                        "SIZE=%d", self.tag, free, reserve, size)
+            raise SMTPError("452 4.3.1")
 
     def mail_params(self, params):
         """Check MAIL parameters (RFC 1870, RFC 6152, RFC 6531); returns them typed."""

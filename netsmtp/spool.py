@@ -160,12 +160,27 @@ class Spool:
         Called at start-up so an unwritable spool is reported at once, not
         at the first message.
         """
-        for folder in (self.tmp, self.locks):
+        for folder in (self.path, self.tmp, self.locks):
             os.makedirs(folder, mode=0o700, exist_ok=True)
         probe = os.path.join(self.path, ".probe-%d" % os.getpid())
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.unlink(probe)
+        except FileNotFoundError:
+            pass
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         os.close(fd)
         os.unlink(probe)
+
+    def free_space(self):
+        """Octets an unprivileged writer may still use on the spool's filesystem.
+
+        A spool not created yet is measured on the filesystem it would be on.
+        """
+        path = os.path.abspath(self.path)
+        while not os.path.isdir(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        stat = os.statvfs(path)
+        return stat.f_bavail * stat.f_frsize
 
     def entry_path(self, queue_id):
         return os.path.join(self.path, queue_id + MESSAGE_SUFFIX)
