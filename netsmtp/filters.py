@@ -50,8 +50,20 @@ class Transaction:
 
 
 def can_hold(spool):
-    """True when the spool keeps held entries (the queue control's held flag)."""
-    return callable(getattr(spool, "hold", None))
+    """True when the spool keeps held entries (the queue control's held flag); a sink does not."""
+    return callable(getattr(spool, "write_state", None))
+
+
+def hold_new_entry(spool, envelope, reason):
+    """Write the entry's state with held set before the entry is committed, so that no
+    netsmtp-send can take it in between; netsmtp-queue --release lets it go."""
+    from .envelope import Envelope
+    state = Envelope(**{name: getattr(envelope, name) for name in Envelope.FIELDS})
+    state.path = spool.entry_path(envelope.id)
+    state.load_state()
+    state.held = True
+    spool.write_state(envelope.id, state.freeze_state())
+    log.info("held id=%s: %s", envelope.id, printable(reason))
 
 
 class Filters:
@@ -352,7 +364,7 @@ class FilterWriter:
                 self.inner.write(line.encode("utf-8") + b"\r\n")
             message.write_to(self.inner)
             if transaction.hold is not None:
-                session.spool.hold(envelope.id, transaction.hold)
+                hold_new_entry(session.spool, envelope, transaction.hold)
             self.inner.commit()
             self.committed = True
         finally:

@@ -174,13 +174,13 @@ def test_discard_answers_250_and_keeps_nothing(pymilter, tmp_path, spool):
     assert spooled(spool) == []
 
 
-def test_quarantine_without_a_hold_queue_is_the_default_action(pymilter, tmp_path, spool):
-    """Until the spool can hold, a quarantine is not taken as accept: the default action."""
+def test_quarantine_holds_the_message(pymilter, tmp_path, spool):
+    """Quarantine: the client gets 250; the entry is held (netsmtp-queue --release)."""
     address, _ = pymilter
     converse = converse_with(tmp_path, spool, milters=address)
-    replies = converse(message("quarantine@example.test", "u@example.test"))
-    assert replies[-2][1] == ["451 4.7.1 Service unavailable - try again later"]
-    assert spooled(spool) == []
+    assert converse.codes(message("quarantine@example.test", "u@example.test"))[-2] == 250
+    envelope, _ = entry(spool)
+    assert envelope.held is True
 
 
 def test_a_header_that_would_change_the_structure_is_refused(pymilter, tmp_path, spool):

@@ -13,6 +13,7 @@ import time
 import pytest
 from conftest import Conversation, free_port, make_options, need_tool, spooled, wait_for
 
+from netsmtp.envelope import Envelope
 from netsmtp.policy_service import encode_query, parse_action
 
 USER = pwd.getpwuid(os.getuid()).pw_name
@@ -60,6 +61,7 @@ def postfwd(peer, tmp_path):
         "dropped@example.test": "DISCARD spam",
         "filtered@example.test": "FILTER smtp:[127.0.0.1]:10025",
         "badcode@example.test": "250 fine",
+        "held@example.test": "HOLD suspect",
     }
     argv = [postfwd1, "-d", "--nodns", "--pidfile", str(tmp_path / "postfwd.pid"),
             "-u", USER, "-g", GROUP, "-i", "127.0.0.1", "-p", str(port), "--cache=0"]
@@ -118,6 +120,15 @@ def test_postfwd_prepend_redirect_and_discard(postfwd, tmp_path, spool):
     os.unlink(os.path.join(spool.path, spooled(spool)[0]))
     assert converse.codes(message_to("dropped@example.test"))[-2] == 250
     assert spooled(spool) == []
+
+
+def test_postfwd_hold_keeps_the_message_held(postfwd, tmp_path, spool):
+    """HOLD accepts the message and holds it (the queue control's held flag), so
+    netsmtp-send leaves it until netsmtp-queue --release."""
+    converse = converse_with(tmp_path, spool, policy_services=postfwd)
+    assert converse.codes(message_to("held@example.test"))[-2] == 250
+    [name] = spooled(spool)
+    assert Envelope.thaw(os.path.join(spool.path, name)).held is True
 
 
 def test_postfwd_through_the_command_line(postfwd, server_factory):
