@@ -47,8 +47,9 @@ def envelope_line(envelope):
     rcpt_params = getattr(envelope, "rcpt_params", {})
     recipients = " ".join("<%s>%s" % (r, parameters(rcpt_params.get(r, {})))
                           for r in envelope.recipients)
+    # aiosmtpd's begin marker, then the envelope, on one line.
     return printable("%s client=%s helo=%s from=<%s>%s to=%s" % (
-        BEGIN.rstrip("-").rstrip(), envelope.client or "local", envelope.helo,
+        BEGIN, envelope.client or "local", envelope.helo,
         envelope.sender, parameters(envelope.params), recipients), limit=4096)
 
 

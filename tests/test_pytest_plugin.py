@@ -112,3 +112,26 @@ def test_servers_stop_after_the_test(pytester):
                 socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
     ''')
     result.assert_outcomes(passed=2)
+
+
+def test_make_smtp_server_with_tls_and_auth(pytester, tls_files, tmp_path):
+    """tls_cert/tls_key and auth_file pass through: STARTTLS, then AUTH, then a message."""
+    from netsmtp.auth import hash_password
+    ca, cert, key = tls_files
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    users = tmp_path / "users"
+    users.write_text("ann:%s\n" % hash_password("secret"))
+    result = run(pytester, '''
+        import smtplib, ssl
+
+        def test_it(make_smtp_server):
+            server = make_smtp_server(tls_cert=%r, tls_key=%r, auth_file=%r)
+            context = ssl.create_default_context(cafile=%r)
+            with smtplib.SMTP(server.host, server.port) as client:
+                client.starttls(context=context)
+                client.login("ann", "secret")
+                client.sendmail("ann@example.com", ["b@example.org"], b"Subject: x\\r\\n\\r\\nx\\r\\n")
+            [message] = server.wait_for(1)
+            assert message.envelope.auth == "ann"
+    ''' % (cert, key, str(users), str(tmp_path / "ca.pem")))
+    result.assert_outcomes(passed=1)

@@ -74,7 +74,7 @@ def test_sink_prints_envelope_message_and_end_marker_on_stdout(sink_factory, tmp
     wait_for(lambda: b"END MESSAGE" in sink.out, what="the end marker")
     assert sink.stop() == 0
     lines = bytes(sink.out).split(b"\n")
-    assert lines[0].startswith(b"---------- MESSAGE FOLLOWS")
+    assert lines[0].startswith(b"---------- MESSAGE FOLLOWS ---------- ")
     assert b"client=127.0.0.1" in lines[0] and b"helo=client.test" in lines[0]
     assert b"from=<a@example.test> SIZE=%d" % len(MESSAGE) in lines[0]
     assert b"to=<b@elsewhere.test> <c@x.test>" in lines[0]
