@@ -91,8 +91,10 @@ def test_sink_dir_writes_one_eml_per_message(sink_factory, tmp_path):
     port = sink.port
     send(port)
     send(port, recipients=["d@y.test"])
-    files = wait_for(lambda: len(os.listdir(out_dir)) == 2 and sorted(os.listdir(out_dir)),
-                     what="two files")
+    def messages():  # a message being written is a hidden temporary file until renamed
+        names = sorted(name for name in os.listdir(out_dir) if not name.startswith("."))
+        return len(names) == 2 and names
+    files = wait_for(messages, what="two files")
     assert sink.stop() == 0
     assert all(re.fullmatch(r"[0-9a-f]{24}\.eml", name) for name in files)
     for name in files:
