@@ -72,6 +72,26 @@ def process_tree(root):
     return tree
 
 
+def tree_cpu_seconds(root, split=False):
+    """User + system CPU of root and all its descendants, the reaped ones included.
+
+    Each live process counts its own time and that of the children it has
+    waited for (cutime, cstime), so a worker or smtpd that exited during a
+    run is in its parent's figure.  split=True gives (user, system).
+    """
+    user = system = 0
+    for pid in process_tree(root):
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user / tick, system / tick) if split else (user + system) / tick
+
+
 def peak_rss_kb(pids):
     """The largest VmHWM (peak resident set, kB) among pids, and its pid."""
     best = (0, None)
