@@ -76,7 +76,7 @@ def cpu(args, workdir):
         after = tree_cpu_seconds(peer.root_pid, split=True)
     finally:
         peer.stop()
-    user, system = (1e6 * (b - a) / args.messages for a, b in zip(before, after))
+    user, system = (1e6 * (b - a) / args.messages for a, b in zip(before, after, strict=True))
     print("%s: %.0f msg/s, CPU per message %.0f us (user %.0f, system %.0f) of every "
           "server process" % (args.peer, args.messages / elapsed, user + system, user, system))
 

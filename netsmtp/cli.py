@@ -96,6 +96,11 @@ def setup_logging(options, protocol_on_stdio=False):
     root.setLevel(options.log_level)
     root.handlers[:] = [handler]
     root.propagate = False
+    # Each record would look up its caller's frame and thread, which no
+    # format here shows: the Logging HOWTO's "Optimization" settings.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
 
 
 def main(argv=None):

@@ -28,6 +28,8 @@ SCHEMA_VERSION = 3
 MAX_ENVELOPE_LINE = 1 << 20
 MAX_HEADER_LINE = 64 * 1024
 NoneType = type(None)
+# json.dumps with arguments builds an encoder per call; one per process will do.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class Status(enum.StrEnum):
@@ -190,7 +192,7 @@ class Envelope:
         """The envelope as one line of JSON bytes, newline included."""
         data = {"version": SCHEMA_VERSION}
         data.update((name, getattr(self, name)) for name in self.FIELDS)
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        return _COMPACT.encode(data).encode() + b"\n"
 
     @classmethod
     def from_json(cls, line):

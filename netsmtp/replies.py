@@ -9,6 +9,7 @@ so nothing a client sends can put CR, LF or other control characters on
 the wire.
 """
 
+import functools
 import re
 from types import MappingProxyType
 
@@ -84,10 +85,12 @@ def printable(value, limit=256):
     """
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
-    text = str(value).translate(_CONTROLS)
-    if not text.isascii():
-        text = "".join(("\\u%04x" % ord(c) if ord(c) <= 0xffff else "\\U%08x" % ord(c))
-                       if c > "\x9f" and invisible(c) else c for c in text)
+    text = str(value)
+    if not (text.isascii() and text.isprintable() and "\\" not in text):  # else: as it is
+        text = text.translate(_CONTROLS)
+        if not text.isascii():
+            text = "".join(("\\u%04x" % ord(c) if ord(c) <= 0xffff else "\\U%08x" % ord(c))
+                           if c > "\x9f" and invisible(c) else c for c in text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -98,7 +101,9 @@ def _argument(value, limit=200):
     (RFC 6531 section 3.7.4), and short of the 512-octet reply line (RFC
     5321 section 4.5.3.1.5) whatever a client echoes into them.
     """
-    text = printable(value, limit).encode("ascii", "backslashreplace").decode("ascii")
+    text = printable(value, limit)
+    if not text.isascii():
+        text = text.encode("ascii", "backslashreplace").decode("ascii")
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -184,12 +189,21 @@ def format_reply(key, *args, lines=(), replies=REPLIES):
     keywords, HELP text).  Every line but the last uses "code-" (RFC 5321
     section 4.2.1).
     """
-    code, _, enhanced = key.partition(" ")
-    enhanced = enhanced.partition(" ")[0]
+    prefix, more = _prefixes(key)
     first = replies[key] % tuple(a if isinstance(a, int) else _argument(a) for a in args)
+    if not lines:
+        return (prefix + first + "\r\n").encode("utf-8")
     texts = [first, *(printable(line) for line in lines)]
-    prefix = code + " " + enhanced + " " if enhanced else code + " "
-    more = code + "-" + enhanced + " " if enhanced else code + "-"
     out = [more + text for text in texts[:-1]]
     out.append(prefix + texts[-1])
     return ("\r\n".join(out) + "\r\n").encode("utf-8")
+
+
+@functools.lru_cache(maxsize=256)
+def _prefixes(key):
+    """("250 2.1.0 ", "250-2.1.0 ") for the key "250 2.1.0": the last line's and the others'."""
+    code, _, enhanced = key.partition(" ")
+    enhanced = enhanced.partition(" ")[0]
+    if enhanced:
+        return code + " " + enhanced + " ", code + "-" + enhanced + " "
+    return code + " ", code + "-"

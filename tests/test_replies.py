@@ -61,3 +61,22 @@ def test_smtp_error_carries_its_reply():
     error = SMTPError("550 5.7.1", "x@y.test")
     assert error.code == 550
     assert str(error) == "550 5.7.1 Relaying denied for <x@y.test>"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("plain@example.test", "plain@example.test"),
+    ("back\\slash", "back\\\\slash"),
+    ("cr\rlf\nnul\0del\x7fc1\x85", "cr\\x0dlf\\x0anul\\x00del\\x7fc1\\x85"),
+    ("caf\u00e9", "caf\u00e9"),
+])
+def test_printable_escapes_exactly_controls_and_backslash(text, expected):
+    """The fast path for plain text and the escaping path agree: only controls and \\ change."""
+    assert printable(text) == expected
+
+
+def test_reply_arguments_are_ascii_and_multiline_replies_keep_their_prefixes():
+    """A UTF-8 argument is escaped to ASCII; every line but the last says code-."""
+    assert format_reply("250 2.1.0", "caf\u00e9@x.test") == b"250 2.1.0 Sender <caf\\xe9@x.test> OK\r\n"
+    assert format_reply("250", "mx.test", "c.test", lines=["PIPELINING", "SIZE 10"]) == (
+        b"250-" + (REPLIES["250"] % ("mx.test", "c.test")).encode() + b"\r\n"
+        b"250-PIPELINING\r\n250 SIZE 10\r\n")
