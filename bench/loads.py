@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from peers import DOMAIN, peak_rss_kb, process_tree, tool
+from peers import DOMAIN, peak_rss_kb, process_tree, tool, tree_cpu_seconds
 
 MESSAGE_SIZE = 2048
 
@@ -37,7 +37,12 @@ def smtp_source(port, messages, sessions, reuse, size=MESSAGE_SIZE):
 
 
 class Messages:
-    """2 KB messages: reused connections (-d) or one message per connection."""
+    """2 KB messages: reused connections (-d) or one message per connection.
+
+    Besides msg/s, cpu_us: the user + system CPU of all the peer's
+    processes (Postfix's smtpd, cleanup, qmgr and the rest included, until
+    its queue is empty) divided by the messages.
+    """
 
     unit = "msg/s"
 
@@ -49,13 +54,16 @@ class Messages:
         count = self.messages if self.reuse else max(
             self.sessions * 5, int(self.messages * peer.connection_share))
         try:
+            before = tree_cpu_seconds(peer.root_pid)
             elapsed = smtp_source(peer.port, count, self.sessions, self.reuse)
+            peer.settle()
+            cpu = tree_cpu_seconds(peer.root_pid) - before
             stored = peer.stored()
             if stored is not None and stored != count:
                 raise LoadFailed("%d messages stored, %d sent" % (stored, count))
         finally:
             peer.forget_messages()
-        return {"value": count / elapsed}
+        return {"value": count / elapsed, "cpu_us": 1e6 * cpu / count}
 
 
 def reply(reader):

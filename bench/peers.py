@@ -165,6 +165,10 @@ class Peer:
         if self.store is not None:
             clear_directory(self.store)
 
+    def settle(self):
+        """Wait until the peer has finished the work the messages sent so far gave it."""
+        time.sleep(0.1)  # the last sessions' processes exit (and are reaped) after QUIT
+
 
 class Netsmtp(Peer):
     """python -m netsmtp with the real interpreter (never a shim: 80 ms a start)."""
@@ -341,6 +345,16 @@ postlog   unix-dgram n - n - 1 postlogd
 
     def forget_messages(self):
         pass
+
+    def settle(self):
+        """Wait (at most 30 s) until qmgr has handed every message to discard."""
+        queue = os.path.join(self.dir, "queue")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                files for folder in ("maildrop", "incoming", "active")
+                for _, _, files in os.walk(os.path.join(queue, folder))):
+            time.sleep(0.05)
+        super().settle()
 
 
 def tool(name):

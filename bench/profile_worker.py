@@ -72,7 +72,7 @@ def cpu(args, workdir):
     try:
         smtp_source(peer.port, 200, args.sessions, True)  # warm: the pool has grown
         before = tree_cpu_seconds(peer.root_pid, split=True)
-        elapsed = smtp_source(peer.port, args.messages, args.sessions, True)
+        elapsed = smtp_source(peer.port, args.messages, args.sessions, not args.per_connection)
         after = tree_cpu_seconds(peer.root_pid, split=True)
     finally:
         peer.stop()
@@ -91,7 +91,7 @@ def strace(args, workdir):
                                    *[a for p in pids for a in ("-p", str(p))]],
                                   stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # strace attaches asynchronously; no readiness signal to wait on
-        smtp_source(peer.port, args.messages, args.sessions, True)
+        smtp_source(peer.port, args.messages, args.sessions, not args.per_connection)
         tracer.send_signal(signal.SIGINT)
         tracer.wait(30)
     finally:
@@ -116,7 +116,7 @@ def pyspy(args, workdir):
                                 "-r", "500", "-f", "raw", "-o", out, "-p", str(peer.root_pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attaches asynchronously
-        smtp_source(peer.port, args.messages, args.sessions, True)
+        smtp_source(peer.port, args.messages, args.sessions, not args.per_connection)
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
     finally:
@@ -145,7 +145,7 @@ def cprofile(args, workdir):
     os.makedirs(profile_dir)
     peer = start(args.peer, workdir, profile_dir)
     try:
-        smtp_source(peer.port, args.messages, args.sessions, True)
+        smtp_source(peer.port, args.messages, args.sessions, not args.per_connection)
     finally:
         peer.stop()
     stats = pstats.Stats(*glob.glob(os.path.join(profile_dir, "*.prof")))
@@ -166,6 +166,8 @@ def main():
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--per-connection", action="store_true",
+                        help="one message per connection (smtp-source without -d)")
     args = parser.parse_args()
     if args.mode in ("strace", "pyspy") and not shutil.which(args.mode.replace("pyspy", "py-spy")):
         parser.error("%s is not installed" % args.mode)

@@ -139,6 +139,14 @@ def table(all_results, peer_names, extra_rows):
                 text += " (%.2fx)" % ratio
             cells.append(text)
         lines.append("| %s | %s | %s |" % (load.name, load.unit, " | ".join(cells)))
+        if any(f and "cpu_us" in f for fs in results.values() for f in fs):
+            cells = []
+            for name in peer_names:
+                value = median([f and f.get("cpu_us") for f in results.get(name, [])])
+                ratio = median(ratios(results, name, key="cpu_us"))
+                cells.append("—" if value is None else "%.0f" % value + (
+                    " (%.2fx)" % ratio if ratio is not None and name != BASELINE else ""))
+            lines.append("| %s CPU per message | us | %s |" % (load.name, " | ".join(cells)))
         if any(f and "p50_ms" in f for fs in results.values() for f in fs):
             cells = []
             for name in peer_names:
@@ -155,6 +163,55 @@ def table(all_results, peer_names, extra_rows):
             lines.append("| %s peak RSS | MB | %s |" % (load.name, " | ".join(rss)))
     lines.extend(extra_rows)
     return "\n".join(lines)
+
+
+# The goals of issue 11, for netsmtp's default server against Postfix in the same run.
+GOAL_PEER = "netsmtp-prefork"
+RATE_GOALS = (("reused-1", 1.0), ("reused-10", 1.2), ("reused-50", 1.2), ("perconn-20", 1.0))
+STDIN_GOAL = 2.0        # CPU per --stdin connection, times that of `python -c pass`
+RSS_GOAL_MB = 16.0      # peak RSS while receiving the 100 MB message
+SEND_GOAL = 1000.0      # netsmtp-send msg/s to smtp-sink
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return "median %.2fx, runs %s" % (statistics.median(values), " ".join(
+        "%.2fx" % v for v in values))
+
+
+def goals(all_results, stdin_ratios, send_rate):
+    """A line per goal: the figure of this run and whether it met the goal."""
+    by_load = {load.name: results for load, results in all_results}
+    lines = ["", "Goals (%s against %s, ratios measured side by side in this run):"
+             % (GOAL_PEER, BASELINE)]
+
+    def verdict(ok):
+        return "not measured" if ok is None else "met" if ok else "NOT met"
+
+    for load, goal in RATE_GOALS:
+        values = ratios(by_load.get(load, {}), GOAL_PEER)
+        ratio = median(values)
+        lines.append("- %s msg/s >= %.1fx Postfix: %s: %s" % (
+            load, goal, spread(values) or "—", verdict(None if ratio is None else ratio >= goal)))
+    cpu = [(load, ratios(by_load[load], GOAL_PEER, key="cpu_us")) for load in by_load
+           if ratios(by_load[load], GOAL_PEER, key="cpu_us")]
+    ok = None if not cpu else all(median(values) <= 1.0 for _, values in cpu)
+    lines.append("- CPU per message <= Postfix's: %s: %s" % (
+        "; ".join("%s %s" % (load, spread(values)) for load, values in cpu) or "—", verdict(ok)))
+    ratio = median(stdin_ratios)
+    lines.append("- --stdin CPU per connection <= %.0fx `python -c pass`: %s: %s" % (
+        STDIN_GOAL, spread(stdin_ratios) or "—",
+        verdict(None if ratio is None else ratio <= STDIN_GOAL)))
+    rss = [f["rss_mb"] for f in by_load.get("big-100MB", {}).get(GOAL_PEER, []) if f]
+    lines.append("- 100 MB message peak RSS < %.0f MB: %s: %s" % (
+        RSS_GOAL_MB, "max %.1f MB" % max(rss) if rss else "—",
+        verdict(max(rss) < RSS_GOAL_MB if rss else None)))
+    lines.append("- netsmtp-send to smtp-sink >= %.0f msg/s: %s: %s" % (
+        SEND_GOAL, "%.0f msg/s" % send_rate if send_rate else "—",
+        verdict(None if send_rate is None else send_rate >= SEND_GOAL)))
+    return lines
 
 
 def write_csv(path, all_results, extra):
@@ -232,6 +289,7 @@ def main(argv=None):
                    check=True)
     chosen = loads(args.quick)
     all_results, extra_rows, extra_csv = [], [], []
+    stdin_ratios, send_rate = [], None
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="netsmtp-bench-") as workdir:
         os.chmod(workdir, 0o755)
@@ -251,6 +309,8 @@ def main(argv=None):
                 [f and f["cpu_ms"] for f in stdin])
             floor_rate, floor_cpu = median([f["value"] for f in floor]), median(
                 [f["cpu_ms"] for f in floor])
+            stdin_ratios = [mine["cpu_ms"] / base["cpu_ms"] for mine, base in
+                            zip(stdin, floor, strict=False) if mine and base["cpu_ms"]]
             if conn and cpu:
                 extra_rows.append(
                     "\nStdin mode under tcpserver, one message per connection: "
@@ -264,12 +324,13 @@ def main(argv=None):
                 extra_csv.append(["stdin", "python3 -c pass", number, "runs/s", base["value"]])
                 extra_csv.append(["stdin", "python3 -c pass", number, "cpu_ms", base["cpu_ms"]])
         if "send" in load_names:
-            rate = send_throughput(args.quick, workdir, log)
+            rate = send_rate = send_throughput(args.quick, workdir, log)
             if rate is not None:
                 extra_rows.append("\nnetsmtp-send to smtp-sink over one reused connection: "
                                   "%.0f msg/s (bench/send_throughput.py)." % rate)
                 extra_csv.append(["send", "netsmtp-send", 1, "msg/s", rate])
     print(table(all_results, peer_names, extra_rows))
+    print("\n".join(goals(all_results, stdin_ratios, send_rate)))
     print("\n%d run(s) per figure, median shown; (Nx) = ratio to Postfix in the same run "
           "(for seconds, Postfix's time / this time); %.0f s in all." % (
               runs, time.monotonic() - started))

@@ -23,6 +23,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import time
 
 from .address import in_networks, ip_of
@@ -99,6 +100,14 @@ def stdin_limits_configured(options):
                 or options.given("max_sessions"))
 
 
+_NONZERO = re.compile(rb"[^\0]")
+
+
+def _occupied(heads):
+    """The indexes of the octets of heads that are not 0."""
+    return [match.start() for match in _NONZERO.finditer(heads)]
+
+
 class SessionTable:
     """The sessions of a forking or prefork server, in memory its processes share.
 
@@ -128,10 +137,17 @@ class SessionTable:
         """In the child or worker: this process's sessions go into slot."""
         self.slot = slot
 
-    def keys(self):
-        size = self.KEY_SIZE
-        return [self.memory[i * size:(i + 1) * size].rstrip(b"\0")
-                for i in range(self.slots)]
+    def keys(self, skip=None):
+        """The client keys of the occupied slots but skip: one pass over the first octets.
+
+        A key never starts with a NUL, so an empty slot is one whose first
+        octet is 0; with max_sessions slots and a few sessions, looking at
+        the occupied ones alone is what keeps admit() cheap per connection.
+        """
+        size, data = self.KEY_SIZE, self.memory[:]
+        heads = data[::size]
+        return [data[i * size:(i + 1) * size].rstrip(b"\0")
+                for i in _occupied(heads) if i != skip]
 
     def admit(self, peer):
         """None when a session from peer may start in this process's slot, else why not.
@@ -150,7 +166,7 @@ class SessionTable:
         key = client_key(peer).encode("utf-8", "replace")[:self.KEY_SIZE]
         fcntl.lockf(self.lock_file, fcntl.LOCK_EX)
         try:
-            others = [k for i, k in enumerate(self.keys()) if k and i != self.slot]
+            others = self.keys(skip=self.slot)
             reason = None
             if self.max_total and len(others) >= self.max_total:
                 reason = "too many sessions"
