@@ -200,6 +200,15 @@ class NetsmtpStdin(Netsmtp):
     def __init__(self):
         super().__init__("netsmtp-stdin", 0)
 
+    def netsmtp_args(self, workdir):
+        # tcpserver's -c and -b are the limits here, as inetd's are: a --max-sessions
+        # of netsmtp's own would count sessions in a file under a lock (netsmtp.limits).
+        args = super().netsmtp_args(workdir)
+        for flag in ("--max-sessions", "--backlog"):
+            index = args.index(flag)
+            del args[index:index + 2]
+        return args
+
     def command(self, workdir):
         # -R -H -l0: no ident, reverse DNS or local name lookups per connection.
         return [shutil.which("tcpserver"), "-R", "-H", "-l0", "-c", "200", "-b", "512",
