@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Accept-path cost: spool entries durably written per second (median of 3 runs).
 
-Each entry is what a session does after the final dot: write the envelope
-line and the message under tmp/, fsync, rename, fsync the directory.
+Each entry is what a session does from DATA to the 250: create the entry
+under its final name, write the envelope line and the message, write the
+commit line, one fsync (netsmtp.spool).
 
     python3 bench/spool_write.py [--count N] [--dir DIR]
 
