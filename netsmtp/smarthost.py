@@ -1,8 +1,10 @@
 """Forwarding to a smarthost with smtplib, one recipient outcome at a time.
 
 The connection is kept open for the whole queue run and reused message
-after message.  DATA is streamed from the spool file with dot-stuffing
-(RFC 5321 section 4.5.2), so memory stays bounded whatever the size.
+after message.  The message is streamed from the spool file, so memory
+stays bounded whatever the size: in BDAT chunks to a smarthost that offers
+CHUNKING (RFC 3030), else as DATA with dot-stuffing (RFC 5321 section
+4.5.2).
 """
 
 import logging
@@ -16,6 +18,7 @@ from .replies import printable
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+BDAT_CHUNK = 1024 * 1024  # octets per BDAT chunk: one reply per MiB, memory bounded
 
 
 class SmarthostUnusable(Exception):
@@ -210,15 +213,18 @@ class SmarthostDelivery(Delivery):
                     + " ORCPT=" + orcpt
         mail = "MAIL FROM:<%s>%s\r\n" % (envelope.sender, "".join(" " + o for o in mail_options))
         rcpts = ["RCPT TO:<%s>%s\r\n" % (r, rcpt_options[r]) for r in recipients]
+        # RFC 3030: with CHUNKING the message goes in BDAT chunks, not DATA.
+        chunking = smtp.has_extn("chunking")
+        data = [] if chunking else ["DATA\r\n"]
         if smtp.has_extn("pipelining"):
             # RFC 2920 section 3.1: MAIL, the RCPTs and DATA in one group.
-            smtp.send("".join([mail, *rcpts, "DATA\r\n"]))
-            replies = [self.reply_of(smtp) for _ in range(len(rcpts) + 2)]
+            smtp.send("".join([mail, *rcpts, *data]))
+            replies = [self.reply_of(smtp) for _ in range(len(rcpts) + 1 + len(data))]
         else:
             replies = [self.command(smtp, mail)]
             if 200 <= replies[0].code < 300:
                 replies += [self.command(smtp, rcpt) for rcpt in rcpts]
-            if any(200 <= reply.code < 300 for reply in replies[1:]):
+            if data and any(200 <= reply.code < 300 for reply in replies[1:]):
                 replies.append(self.command(smtp, "DATA\r\n"))
         mail_reply, rcpt_replies, data_reply = replies[0], replies[1:len(rcpts) + 1], (
             replies[len(rcpts) + 1] if len(replies) == len(rcpts) + 2 else None)
@@ -239,6 +245,14 @@ class SmarthostDelivery(Delivery):
         if not accepted:
             self.reset(smtp)
             return
+        if chunking:
+            self.data_started = True
+            with envelope.open() as message:
+                reply = self.send_chunks(smtp, message)
+            if not 200 <= reply.code < 300:
+                self.reset(smtp)
+            results.update(dict.fromkeys(accepted, reply))
+            return
         if data_reply.code != 354:
             if data_reply.code < 400:
                 data_reply = Result(451, "4.5.0 unexpected reply to DATA: %s" % (data_reply,))
@@ -250,6 +264,27 @@ class SmarthostDelivery(Delivery):
             send_data(smtp, message)
         reply = self.reply_of(smtp)
         results.update(dict.fromkeys(accepted, reply))
+
+    def send_chunks(self, smtp, message):
+        """The message as BDAT chunks (RFC 3030), streamed from the spool; the final reply.
+
+        No dot-stuffing and no end marker: each chunk says its size.  Each
+        is answered before the next goes, so replies never pile up; the
+        first that is not 2xx ends the message with that reply.  A message
+        that does not end in CRLF gets one, as with DATA.
+        """
+        chunk = message.read(BDAT_CHUNK)
+        while True:
+            following = message.read(BDAT_CHUNK)
+            last = not following
+            if last and not chunk.endswith(b"\r\n"):
+                chunk += b"\r\n"
+            smtp.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b""))
+            smtp.send(chunk)
+            reply = self.reply_of(smtp)
+            if last or not 200 <= reply.code < 300:
+                return reply
+            chunk = following
 
     def command(self, smtp, line):
         smtp.send(line)

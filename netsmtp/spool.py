@@ -395,8 +395,9 @@ def resolve(paths):
     for path in map(os.fspath, paths):
         parent, name = os.path.split(os.path.normpath(path))
         parent = parent or "."
-        if os.path.basename(parent) in (TMP, LOCKS, QUARANTINE):
-            continue
+        if os.path.basename(parent) in (TMP, LOCKS, QUARANTINE) and \
+                not os.path.isdir(os.path.join(path, TMP)):
+            continue  # inside a spool's own folder; /tmp/spool itself is a spool
         match = ENTRY_NAME.match(name)
         if match and not os.path.isdir(path):
             # No existence check: another sender may just have finished it.

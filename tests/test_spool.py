@@ -272,3 +272,21 @@ def test_entry_format_commit_line_first(spool):
     assert line == b"netsmtp entry complete size=%020d crc32=%08x\n" % (
         len(rest), zlib.crc32(rest))
     assert json.loads(rest.split(b"\n", 1)[0])["version"] == SCHEMA_VERSION
+
+
+def test_a_spool_directly_under_a_folder_named_tmp_is_still_a_spool():
+    """/tmp/SPOOL is a spool, not something inside a spool's tmp/ folder (netsmtp-send /tmp/q)."""
+    import shutil
+    import tempfile
+
+    from netsmtp.spool import Spool
+    path = tempfile.mkdtemp(prefix="netsmtp-spool-", dir="/tmp")
+    try:
+        spool = Spool(path)
+        spool.prepare()
+        queue_id = put(spool)
+        entries, problems, _ = resolve([path])
+        assert [queue_id for _, queue_id in entries] == [queue_id] and problems == []
+        assert resolve([os.path.join(path, "tmp", queue_id + ".msg")])[0] == []
+    finally:
+        shutil.rmtree(path)
