@@ -385,3 +385,48 @@ def test_a_bdat_message_is_filtered_like_data(pymilter, tmp_path, spool):
     assert replies[-2][0] == 250
     assert b"Subject: new subject\r\n" in entry(spool)[1]
     assert entry(spool)[1].endswith(b"\r\n\r\nnew body line 1\r\nnew body line 2\r\nlast line\r\n")
+
+
+@pytest.fixture
+def spamass_milter(tmp_path):
+    """Debian's spamd and spamass-milter (-r 15: reject at a score of 15), on free ports."""
+    spamd, milter = need_tool("spamd"), need_tool("spamass-milter")
+    spamd_port, milter_port = free_port(), free_port()
+    spamd_proc = subprocess.Popen(
+        [spamd, "--listen=127.0.0.1:%d" % spamd_port, "--max-children=1", "--min-children=1",
+         "-u", "nobody", "--nouser-config", "--pidfile=%s" % (tmp_path / "spamd.pid"),
+         "--syslog=stderr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    milter_proc = None
+    try:
+        wait_for(lambda: listening(spamd_port), what="spamd")
+        milter_proc = subprocess.Popen(
+            [milter, "-p", "inet:%d@127.0.0.1" % milter_port, "-r", "15", "--",
+             "-d", "127.0.0.1", "-p", str(spamd_port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: listening(milter_port), what="spamass-milter")
+        yield "inet:127.0.0.1:%d" % milter_port
+    finally:
+        if milter_proc is not None:
+            milter_proc.kill()  # libmilter's own stop waits seconds for its threads
+            milter_proc.wait(20)
+        spamd_proc.terminate()  # spamd stops its child itself
+        spamd_proc.wait(20)
+
+
+def test_spamass_milter_adds_its_headers_and_rejects_gtube(spamass_milter, tmp_path, spool):
+    """SpamAssassin's folded X-Spam-Status header reaches the spool intact; the GTUBE test
+    message is refused with spamass-milter's own reply, and nothing is kept."""
+    converse = converse_with(tmp_path, spool, milters=spamass_milter)
+    ham = b"From: a@example.test\r\nSubject: hello\r\n\r\nhi there\r\n."
+    assert converse.codes(message("a@example.test", "u@example.test", text=ham))[-2] == 250
+    _, text = entry(spool)
+    assert b"\r\nX-Spam-Status: No, score=" in text
+    assert b"\r\nX-Spam-Checker-Version: SpamAssassin " in text
+    status = text.split(b"X-Spam-Status: ", 1)[1].split(b"\r\nX-Spam-", 1)[0]
+    assert all(line[:1] == b"\t" for line in status.split(b"\r\n")[1:])
+    os.unlink(os.path.join(spool.path, spooled(spool)[0]))
+    spam = (b"Subject: spam\r\n\r\n"
+            b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n.")
+    replies = converse(message("a@example.test", "u@example.test", text=spam))
+    assert replies[-2][1] == ["550 5.7.1 Blocked by SpamAssassin"]
+    assert spooled(spool) == []
