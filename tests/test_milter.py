@@ -430,3 +430,26 @@ def test_spamass_milter_adds_its_headers_and_rejects_gtube(spamass_milter, tmp_p
     replies = converse(message("a@example.test", "u@example.test", text=spam))
     assert replies[-2][1] == ["550 5.7.1 Blocked by SpamAssassin"]
     assert spooled(spool) == []
+
+
+def test_pymilter_on_a_unix_socket(tmp_path, spool):
+    """unix:PATH reaches a milter on a Unix socket (libmilter's own unix: listener)."""
+    need_pymilter()
+    path = tmp_path / "milter.sock"
+    proc = subprocess.Popen([SYSTEM_PYTHON, PEER, "unix:%s" % path, str(tmp_path / "ev")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def accepting():
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                    return True
+                except OSError:
+                    return False
+        wait_for(accepting, what="the milter's socket")
+        converse = converse_with(tmp_path, spool, milters="unix:%s" % path)
+        replies = converse(message("plain@example.test", "reject@example.test"))
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert replies[3][1] == ["550 5.7.1 Command rejected"]

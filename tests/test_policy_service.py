@@ -185,11 +185,17 @@ class ScriptedService:
     """A policy service that answers each query with the next of answers (bytes, or None
     to close without answering); it records the queries it got."""
 
-    def __init__(self, answers):
+    def __init__(self, answers, unix_path=None):
         self.answers = list(answers)
         self.queries = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        if unix_path is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        else:
+            self.listener = socket.socket(socket.AF_UNIX)
+            self.listener.bind(unix_path)
+            self.listener.listen()
+            self.address = "unix:" + unix_path
         threading.Thread(target=self.serve, daemon=True).start()
 
     def serve(self):
@@ -325,3 +331,31 @@ def test_action_mapping(text, reply):
 def test_actions_netsmtp_does_not_take_are_errors(text):
     with pytest.raises(ValueError):
         parse_action(text)
+
+
+def test_a_service_on_a_unix_socket(tmp_path, spool):
+    """unix:PATH reaches a service on a Unix socket."""
+    service = ScriptedService([b"action=REJECT 5.7.1 over a unix socket\n\n"],
+                              unix_path=str(tmp_path / "policy.sock"))
+    try:
+        converse = converse_with(tmp_path, spool, policy_services=service.address)
+        replies = converse(message_to("u@example.test"))
+    finally:
+        service.close()
+    assert replies[3][1] == ["550 5.7.1 over a unix socket"]
+
+
+def test_toml_lists_and_bad_addresses(tmp_path):
+    """TOML policy_services and milters are lists; a bad address is a usage error, exit 2."""
+    from netsmtp.cli import main
+    from netsmtp.options import Options, load_toml
+    config = tmp_path / "netsmtp.toml"
+    config.write_text('policy_services = ["127.0.0.1:10023", "unix:/run/p.sock"]\n'
+                      'milters = ["inet:8891@127.0.0.1", "unix:/run/m.sock"]\n')
+    options = Options(**load_toml(str(config)))
+    assert options.policy_services == (("inet", ("127.0.0.1", 10023)), ("unix", "/run/p.sock"))
+    assert options.milters == (("inet", ("127.0.0.1", 8891)), ("unix", "/run/m.sock"))
+    for flag in ("--policy-service", "--milter"):
+        with pytest.raises(SystemExit) as exit_:
+            main([flag, "nowhere", "--spool", str(tmp_path / "spool")])
+        assert exit_.value.code == 2
