@@ -235,14 +235,14 @@ class Filters:
                 address = check_address(args[0])
                 if len(envelope.recipients) >= self.session.options.max_recipients:
                     raise ValueError("too many recipients")
-                if address not in envelope.recipients:
-                    envelope.recipients.append(address)
+                envelope.add_recipients(address, None, {})
                 log.info("%s: milter %s added recipient <%s> to id=%s", self.session.tag,
                          milter.name, printable(address), envelope.id)
             elif command == b"-":
                 address = args[0].strip().strip("<>")
                 if address in envelope.recipients:
                     envelope.recipients.remove(address)
+                    envelope.dsn.pop(address, None)
                 log.info("%s: milter %s deleted recipient <%s> from id=%s", self.session.tag,
                          milter.name, printable(address), envelope.id)
             elif command == b"e":
@@ -358,6 +358,7 @@ class FilterWriter:
                          ",".join("<%s>" % printable(r) for r in envelope.recipients),
                          printable(transaction.redirect))
                 envelope.recipients[:] = [transaction.redirect]
+                envelope.dsn.clear()  # the DSN requests were the replaced recipients'
             self.inner = session.spool.create(envelope)
             self.inner.write(session.received_header(envelope))
             for line in transaction.prepend:
