@@ -11,6 +11,7 @@ import logging
 import os
 import smtplib
 
+from . import dsn
 from .delivery import Delivery, Result
 from .options import UnixPath
 from .replies import printable
@@ -26,7 +27,9 @@ class LMTPDelivery(Delivery):
     LHLO once, then MAIL, the RCPTs and DATA pipelined in one write (an LMTP
     server must support PIPELINING, RFC 2033 section 5), the message, and
     one reply per accepted recipient: 2xx delivered, 4xx deferred, 5xx
-    failed and bounced.  A server that cannot be reached defers all mail of
+    failed and bounced.  The DSN request (RET, ENVID, NOTIFY, ORCPT) goes
+    to a server that offers DSN, which then reports itself; for one that
+    does not, a 250 is final delivery and netsmtp reports it.  A server that cannot be reached defers all mail of
     the run without being tried again; a connection lost mid-transaction
     defers the recipients that have no reply yet.
 
@@ -38,6 +41,13 @@ class LMTPDelivery(Delivery):
 
     name = "lmtp"
     timeout = 600.0
+    relays_dsn = False
+
+    @property
+    def final(self):
+        """A 2xx is final delivery (a "delivered" report for NOTIFY=SUCCESS), unless
+        the server offered DSN and got the request to report itself (RFC 3461 5.2.2)."""
+        return not self.relays_dsn
 
     def __init__(self, options):
         super().__init__(options)
@@ -124,20 +134,22 @@ class LMTPDelivery(Delivery):
             if not lmtp.has_extn("smtputf8"):
                 return Result(553, "5.6.7 lmtp server does not support SMTPUTF8")
             options.append("SMTPUTF8")
-        if lmtp.has_extn("dsn"):
-            # RFC 3461 section 4: RET and ENVID pass on as the client gave them.
-            options += ["%s=%s" % (key, params[key]) for key in ("RET", "ENVID")
-                        if isinstance(params.get(key), str)]
+        if self.relays_dsn:
+            # RFC 3461 section 5.2.1: RET and ENVID pass on as the client gave them.
+            options += ["%s=%s" % (key, params[key]) for key in ("RET", "ENVID") if key in params]
         return options
 
     def rcpt_options(self, lmtp, envelope, recipient):
         """The RCPT parameters of recipient: NOTIFY and ORCPT when the server offers DSN."""
-        dsn = getattr(envelope, "dsn", None)
-        if not lmtp.has_extn("dsn") or not isinstance(dsn, dict):
+        if not self.relays_dsn:
             return []
-        given = dsn.get(recipient) or {}
-        return ["%s=%s" % (key, given[key]) for key in ("NOTIFY", "ORCPT")
-                if isinstance(given.get(key), str)]
+        record = envelope.status.get(recipient)
+        options = []
+        if record is not None and record.notify is not None:
+            options.append("NOTIFY=" + ",".join(record.notify))
+        options.append("ORCPT=" + (record.orcpt if record is not None and record.orcpt
+                                   else dsn.orcpt_for(recipient)))
+        return options
 
     def transaction(self, lmtp, envelope, recipients, results, sent):
         """One MAIL..DATA for recipients, filling results with final outcomes.
@@ -145,6 +157,7 @@ class LMTPDelivery(Delivery):
         sent gets an item once anything was written, so a failure after it
         is not retried on a fresh connection (the server may have acted).
         """
+        self.relays_dsn = lmtp.has_extn("dsn")
         options = self.mail_options(lmtp, envelope)
         if isinstance(options, Result):
             results.update(dict.fromkeys(recipients, options))

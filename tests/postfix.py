@@ -54,6 +54,7 @@ error     unix - - n - - error
 retry     unix - - n - - error
 discard   unix - - n - - discard
 smtp      unix - - n - - smtp
+lmtp      unix - - n - - lmtp
 anvil     unix - - n - 1 anvil
 scache    unix - - n - 1 scache
 postlog   unix-dgram n - n - 1 postlogd

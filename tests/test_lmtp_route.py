@@ -17,6 +17,8 @@ import tempfile
 import pytest
 from conftest import need_tool, wait_for
 from smarthost import put, run_cli
+from test_reports import fields, reports
+from test_reports import put as put_dsn
 from test_send import bounces, state_of
 
 from netsmtp.queue_cli import send_main
@@ -295,3 +297,32 @@ def test_dry_run_names_the_lmtp_target(spool, capsys):
     put(spool, recipients=["a@local.test"])
     assert send(spool, "--lmtp-host", "unix:/run/dovecot/lmtp", "--dry-run") == 0
     assert "lmtp unix:/run/dovecot/lmtp" in capsys.readouterr().out
+
+
+def test_dsn_request_goes_to_an_lmtp_server_that_offers_dsn(spool, lmtp_sink, tmp_path):
+    """smtp-sink -L offers DSN: RET, ENVID, NOTIFY and ORCPT go to it, and netsmtp
+    sends no report of its own (the server reports itself)."""
+    sock = lmtp_sink()
+    put_dsn(spool, recipients=["u@local.test", "v@local.test"],
+            params={"RET": "HDRS", "ENVID": "QQ314159"},
+            dsn={"u@local.test": {"notify": ["SUCCESS", "DELAY"],
+                                  "orcpt": "rfc822;Orig@local.test"}})
+    assert send(spool, "--lmtp-host", "unix:" + sock) == 0
+    [dump] = [p.read_bytes() for p in (tmp_path / "dump").iterdir()]
+    assert b"X-Mail-Args: <a@b.test> RET=HDRS ENVID=QQ314159" in dump
+    assert b"X-Rcpt-Args: <u@local.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Orig@local.test" in dump
+    assert b"X-Rcpt-Args: <v@local.test> ORCPT=rfc822;v@local.test" in dump
+    assert reports(spool) == []
+
+
+def test_dovecot_without_dsn_gets_no_parameters_and_a_delivered_report(spool, dovecot):
+    """Dovecot's lmtp offers no DSN: no DSN parameters, and NOTIFY=SUCCESS gets a
+    "delivered" report from netsmtp, since an LMTP 250 is final delivery."""
+    put_dsn(spool, recipients=["u1@local.test"], params={"ENVID": "QQ1"},
+            dsn={"u1@local.test": {"notify": ["SUCCESS"], "orcpt": "rfc822;u1@local.test"}})
+    assert send(spool, "--lmtp-host", "unix:" + dovecot.socket) == 0
+    [message] = dovecot.messages("u1")
+    assert b"QQ1" not in message
+    [(_, _, report)] = reports(spool)
+    _, [per_recipient] = fields(report)
+    assert per_recipient["Action"] == "delivered" and per_recipient["Status"] == "2.0.0"

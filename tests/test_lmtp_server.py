@@ -224,3 +224,57 @@ def test_lmtp_in_stdin_mode(tmp_path):
                             input=data, capture_output=True, cwd=ROOT, timeout=30)
     codes = [code for code, _ in replies_of(result.stdout)]
     assert codes == [220, 250, 250, 250, 250, 354, 250, 250, 221], result.stderr
+
+
+def test_private_postfix_delivers_through_its_lmtp_transport(tmp_path):
+    """A private Postfix whose transport map sends local.test to lmtp:unix:SOCKET:
+    its lmtp(8) client says LHLO, pipelines, and gets one reply per recipient;
+    both recipients are "sent" in its log and one entry holds them."""
+    from postfix import PrivatePostfix
+    need_tool("postfix")
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix needs root")
+    spool = str(tmp_path / "spool")
+    postfix = None
+    server = None
+    try:
+        postfix = PrivatePostfix(hostname="client.test")
+        path = os.path.join(postfix.dir, "netsmtp.sock")  # reachable by the postfix user
+        server = UnixServer(path, "--lmtp", "--listen-mode", "0666", spool=spool)
+        with open(os.path.join(postfix.config, "main.cf"), "a") as f:
+            f.write("transport_maps = inline:{ local.test=lmtp:unix:%s }\n" % path)
+        postfix.run("reload")
+        message = b"Subject: via postfix\r\n\r\nhello\r\n"
+        assert postfix.sendmail(["-f", "a@client.test", "u1@local.test", "u2@local.test"],
+                                message) == 0
+        wait_for(lambda: postfix.log().count("status=sent") >= 2, timeout=30,
+                 what="Postfix's lmtp deliveries")
+        assert "relay=" in postfix.log() and "netsmtp.sock" in postfix.log()
+        [(envelope, body)] = entries_of(spool)
+        assert sorted(envelope.recipients) == ["u1@local.test", "u2@local.test"]
+        assert envelope.protocol == "LMTP" and body.endswith(b"hello\r\n")
+    finally:
+        if server is not None:
+            server.stop()
+        if postfix is not None:
+            postfix.stop()
+
+
+def test_netsmtp_send_lmtp_route_into_netsmtp_lmtp(unix_server, tmp_path):
+    """netsmtp's own pair: netsmtp-send's lmtp route into netsmtp --lmtp on a Unix
+    socket; one recipient refused at RCPT (not local there) is bounced, the others
+    are accepted with one reply each."""
+    from smarthost import put, run_cli
+    from test_send import bounces
+
+    from netsmtp.queue_cli import send_main
+    server = unix_server("--lmtp")
+    outgoing = Spool(str(tmp_path / "outgoing"))
+    outgoing.prepare()
+    put(outgoing, recipients=["u1@local.test", "u2@local.test", "x@elsewhere.test"])
+    assert run_cli(send_main, ["--hostname", "mx.test", "--lmtp-host", "unix:" + server.path,
+                               "--routes", "*=lmtp", outgoing.path]) == 0
+    [(envelope, _)] = entries_of(str(tmp_path / "spool"))
+    assert envelope.recipients == ["u1@local.test", "u2@local.test"]
+    [(_, report)] = bounces(outgoing)
+    assert "550 5.1.1" in report.as_string()
