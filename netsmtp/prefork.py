@@ -25,6 +25,7 @@ import socket
 import struct
 import time
 
+from . import recipients
 from .connection import Connection, peer_of, serve
 from .listener import open_listener
 from .limits import GRACE, SessionTable, SharedLimits, rates_configured, refuse_connection
@@ -236,6 +237,7 @@ class PreforkServer:
             pass
 
     def spawn(self):
+        recipients.refresh(self.options)  # the worker starts from the master's table
         # Until the worker has its own handlers, a SIGTERM would run the
         # master's copy in the child and be lost: hold signals over the fork.
         signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)

@@ -327,6 +327,21 @@ def current(options):
     return table
 
 
+def refresh(options):
+    """In a server's parent, just before it forks: reread the table if it changed.
+
+    A child starts from the parent's copy.  Without this every child would
+    start from the table the daemon began with, and after a good reload and
+    then a broken file, it would keep that start table in force instead of
+    the last good one (and reread an unchanged file once per fork).
+    """
+    if options.recipients:
+        try:
+            current(options)
+        except TableError:
+            pass  # never loaded: the child fails its sessions itself (451 4.3.0)
+
+
 def resolve(options, address, table=None, verify=None):
     """What a recipient at a local domain comes to: the default RCPT steps.
 

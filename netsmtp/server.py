@@ -7,6 +7,7 @@ import select
 import signal
 import socketserver
 
+from . import recipients
 from .connection import Connection, peer_of, serve
 from .listener import open_listener
 from .limits import GRACE, SessionTable, SharedLimits, rates_configured, refuse_connection
@@ -107,6 +108,7 @@ class ForkingServer(socketserver.ForkingTCPServer):
             return
         slot = self.free_slots.pop()
         self.table.use(slot)
+        recipients.refresh(self.options)  # the child starts from the parent's table
         known = set(self.active_children or ())
         try:
             super().process_request(request, client_address)  # the child exits in it

@@ -354,3 +354,28 @@ def test_the_toml_key_recipients_names_the_table(tmp_path):
     refused = subprocess.run(args + ["carol@example.com"], cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 1
+
+
+@pytest.mark.parametrize("server_args", [
+    ("--workers", "0"),  # the forking server: a child per session
+    ("--workers", "2", "--max-connections-per-worker", "1"),  # a fresh worker per session
+], ids=["forking", "prefork-respawned"])
+def test_a_broken_reload_keeps_the_last_good_table_in_new_processes(
+        tmp_path, server_factory, server_args):
+    """A process forked after a good reload and a bad one serves the good reload, not the start's.
+
+    Without the parent rereading the table, each child starts from the table the
+    daemon began with: a recipient removed since would come back once the file broke.
+    """
+    path = tmp_path / "recipients"
+    path.write_text("ann@example.com\n")
+    server = server_factory("--recipients", str(path), "--local-domains", ",".join(DOMAINS),
+                            *server_args)
+    assert rcpt_code(server.port, "ann@example.com") == 250
+    path.write_text("carol@example.com\n")
+    assert [rcpt_code(server.port, a) for a in ("carol@example.com", "ann@example.com")] == [
+        250, 550]
+    path.write_text("carol@example.com\nnot an address\n")
+    assert [rcpt_code(server.port, a) for _ in range(2)
+            for a in ("carol@example.com", "ann@example.com")] == [250, 550] * 2
+    assert "recipients:2: bad address" in server.output()
