@@ -206,16 +206,23 @@ class Verifier:
         self.probes = 0
 
     def verify(self, address):
+        """The answer for address within verify_timeout, the wait for the lock included.
+
+        A flood of RCPTs for one address queues on its lock; each client is
+        still answered by its own deadline, not the deadline of the probe
+        that held the lock before it plus a whole timeout of its own.
+        """
         cached = self.cache.get(address)
         if cached is not None:
             return self.classify(*cached)
         from filelock import Timeout
+        deadline = time.monotonic() + self.options.verify_timeout
         try:
             with self.cache.lock(address, self.options.verify_timeout):
                 cached = self.cache.get(address)  # another process asked meanwhile
                 if cached is not None:
                     return self.classify(*cached)
-                code, text = self.probe(address)
+                code, text = self.probe(address, deadline)
                 if 200 <= code < 300 or 500 <= code < 600:
                     ttl = (self.options.verify_positive_ttl if code < 300
                            else self.options.verify_negative_ttl)
@@ -238,14 +245,16 @@ class Verifier:
             return REFUSE, text
         return UNKNOWN, text
 
-    def probe(self, address):
-        """(code, text) of the smarthost's RCPT reply; code 0 when there was none.
+    def probe(self, address, deadline=None):
+        """(code, text) of the smarthost's RCPT reply by deadline; code 0 when there was none.
 
-        A kept connection that turns out closed (the server's idle or
+        deadline is a time.monotonic() value (default: verify_timeout from
+        now).  A kept connection that turns out closed (the server's idle or
         session limits, a 421) is reopened once.
         """
         self.probes += 1
-        deadline = time.monotonic() + self.options.verify_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.options.verify_timeout
         for attempt in (1, 2):
             self.connection.deadline = deadline
             reused = self.connection.smtp is not None

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from conftest import IN_CI, ROOT, Conversation, make_options, need_tool, spooled
+from conftest import IN_CI, ROOT, Conversation, free_port, make_options, need_tool, spooled
 from netsmtp import verify
 from netsmtp.spool import Spool
 from smarthost import CaptureServer, run_cli
@@ -363,3 +363,41 @@ def test_cached_answers_expire_and_the_cache_stays_bounded(tmp_path, monkeypatch
     monkeypatch.setattr(verify, "MAX_CACHED", 2)
     cache.prune(now=2004)  # over the cap: the oldest go
     assert left() == names("u3", "u4")
+
+
+def test_the_wait_for_a_busy_address_counts_against_the_timeout(tmp_path, monkeypatch):
+    """A RCPT that queued on the probe lock of its address probes only in what is left.
+
+    A flood of RCPTs for one address queues on its lock: each must still be
+    answered within verify_timeout of its own start, not a whole timeout after
+    the probe before it let go.  The clock is a fake one the lock advances.
+    """
+    clock = [1000.0]
+    monkeypatch.setattr(verify.time, "monotonic", lambda: clock[0])
+    options = options_for(tmp_path, free_port(), verify_timeout=10)
+    verifier = verify.Verifier(options)
+    real_lock = verifier.cache.lock
+
+    class QueuedLock:
+        """The lock of an address another probe holds for 8 of the 10 seconds."""
+
+        def __init__(self, address, timeout):
+            self.lock = real_lock(address, timeout)
+
+        def __enter__(self):
+            clock[0] += 8
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    deadlines = []
+
+    def probe(address, deadline=None):
+        deadlines.append(deadline)
+        return 0, "no answer"
+
+    monkeypatch.setattr(verifier.cache, "lock", QueuedLock)
+    monkeypatch.setattr(verifier, "probe", probe)
+    assert verifier.verify("ann@bench.test")[0] == verify.UNKNOWN
+    assert deadlines == [1010.0]
