@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P = 14, 8, 1  # 16 MiB, about 50 ms (RFC 7914)
 SALT_SIZE = 16
 HASH_SIZE = 32
-MAX_LOG_N = 20  # refuse lines that would make one check take gigabytes
+MAX_LOG_N = 20
+MAX_MEMORY = 64 * 1024 * 1024  # octets one check may take (128 r N): more is refused
 
 
 def _b64(data):
@@ -49,21 +50,31 @@ def _parse(stored):
         raise ValueError("not an scrypt hash")
     values = dict(item.split("=", 1) for item in params.split(","))
     log_n, r, p = int(values["ln"]), int(values["r"]), int(values["p"])
-    if not (1 <= log_n <= MAX_LOG_N and 1 <= r <= 32 and 1 <= p <= 16):
+    if not (1 <= log_n <= MAX_LOG_N and 1 <= r <= 32 and 1 <= p <= 16
+            and 128 * r * 2 ** log_n <= MAX_MEMORY):
         raise ValueError("scrypt cost out of range")
     return log_n, r, p, _unb64(salt), _unb64(digest)
 
 
-_DUMMY = "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (
-    SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P, _b64(b"\0" * SALT_SIZE), _b64(b"\0" * HASH_SIZE))
+def dummy_hash(log_n=SCRYPT_LOG_N, r=SCRYPT_R, p=SCRYPT_P):
+    """A hash no password matches, at the given cost."""
+    return "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (
+        log_n, r, p, _b64(b"\0" * SALT_SIZE), _b64(b"\0" * HASH_SIZE))
 
 
-def verify_password(password, stored):
-    """True when password matches stored; a malformed stored hash never matches."""
+_DUMMY = dummy_hash()
+
+
+def verify_password(password, stored, dummy=_DUMMY):
+    """True when password matches stored; a malformed stored hash never matches.
+
+    Without a usable stored hash the dummy is computed instead, so an
+    unknown user costs what a known one does.
+    """
     try:
-        log_n, r, p, salt, digest = _parse(stored or _DUMMY)
+        log_n, r, p, salt, digest = _parse(stored or dummy)
     except (ValueError, KeyError):
-        log_n, r, p, salt, digest = _parse(_DUMMY)
+        log_n, r, p, salt, digest = _parse(dummy)
         stored = None
     match = hmac.compare_digest(_scrypt(password, salt, log_n, r, p), digest)
     return match and stored is not None
@@ -76,6 +87,7 @@ class PasswordFile:
         self.path = path
         self.stamp = None
         self.users = {}
+        self.dummy = _DUMMY  # at the highest cost in the file: unknown users cost as much
 
     def lookup(self, user):
         """The stored hash of user, or None (also when the file is unreadable)."""
@@ -102,11 +114,31 @@ class PasswordFile:
                     log.warning("auth file %s line %d: not user:hash", self.path, number)
                     continue
                 users[user] = stored
+        costs = [(SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)]
+        for stored in users.values():
+            try:
+                costs.append(_parse(stored)[:3])
+            except (ValueError, KeyError):
+                pass
+        self.dummy = dummy_hash(*max(costs, key=lambda c: (2 ** c[0] * c[1] * c[2], c)))
         return users
 
     def check(self, user, password):
         """True when user exists and password is theirs; constant in cost."""
-        return verify_password(password, self.lookup(user))
+        return verify_password(password, self.lookup(user), self.dummy)
+
+
+def warn_if_readable(path, what):
+    """Log a warning when a secret file can be read by its group or others."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    if mode & 0o077:
+        log.warning("%s %s is readable by group or others (mode %04o); chmod 600 it",
+                    what, path, mode & 0o7777)
+        return True
+    return False
 
 
 def decode_plain(data):

@@ -103,6 +103,16 @@ def setup_logging(options, protocol_on_stdio=False):
     logging.logMultiprocessing = False
 
 
+def warn_about_secrets(options):
+    """A warning at start for each password file that group or others can read."""
+    if options.auth_file or options.smarthost_password_file:
+        from .auth import warn_if_readable
+        if options.auth_file:
+            warn_if_readable(options.auth_file, "--auth-file")
+        if options.smarthost_password_file:
+            warn_if_readable(options.smarthost_password_file, "--smarthost-password-file")
+
+
 def main(argv=None):
     """netsmtp: the SMTP daemon (the prefork or forking server, or one session on stdin)."""
     parser = Parser(prog=DAEMON, description="A small, durable SMTP server.")
@@ -125,6 +135,7 @@ def main(argv=None):
         # RFC 2033 section 5: LMTP must not be used on the SMTP port.
         parser.error("--lmtp cannot listen on port 25 (RFC 2033 section 5)")
     setup_logging(options, protocol_on_stdio=options.stdin)
+    warn_about_secrets(options)
     if options.sink:
         return sink_main(options)
 

@@ -12,6 +12,7 @@ run code.
 import dataclasses
 import enum
 import json
+import math
 import os
 import re
 from collections import namedtuple
@@ -23,9 +24,14 @@ from .spool import check_entry
 # (netsmtp.spool); 3: DSN requests (dsn, expanded).  Every older version
 # stays readable: a missing field means what it meant before it existed.
 SCHEMA_VERSION = 3
-# An envelope line is bounded by the session's limits (recipients, address
-# lengths); anything longer is not ours.
-MAX_ENVELOPE_LINE = 1 << 20
+# An envelope line (and a state) is bounded by the session's limits: at
+# most MAX_RECIPIENTS recipients (options refuse a larger max_recipients,
+# and alias targets count), each with its path (256 octets), DSN request
+# and, in the state, its last reply within RECIPIENT_BOUND.  So a message
+# that got 250 always thaws; anything longer is not ours.
+MAX_RECIPIENTS = 10_000
+RECIPIENT_BOUND = 4096
+MAX_ENVELOPE_LINE = 64 * 1024 + MAX_RECIPIENTS * RECIPIENT_BOUND
 MAX_HEADER_LINE = 64 * 1024
 NoneType = type(None)
 # json.dumps with arguments builds an encoder per call; one per process will do.
@@ -129,6 +135,12 @@ class Recipient:
             self.reply = self.reply._replace(remote=remote)
 
 
+
+def _time(value):
+    """True for a time the queue can compare: a finite number (not a bool), or None."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and math.isfinite(value))
+
 class Envelope:
     """One message's envelope.
 
@@ -225,9 +237,9 @@ class Envelope:
             size = os.fstat(f.fileno()).st_size - start - len(line)
         try:
             envelope = cls.from_json(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError("envelope is not JSON: %s" % exc) from None
-        except TypeError as exc:
+        except (TypeError, AttributeError, OverflowError) as exc:
             raise ValueError("bad envelope field: %s" % exc) from None
         name = os.path.basename(path)
         if name != envelope.id + ".msg":
@@ -235,6 +247,11 @@ class Envelope:
         if not all(isinstance(r, str) for r in envelope.recipients) or \
                 not isinstance(envelope.sender, str) or not isinstance(envelope.params, dict):
             raise ValueError("bad sender, recipients or parameters")
+        if not (_time(envelope.arrival) and all(
+                isinstance(v, (str, NoneType)) for v in (envelope.helo, envelope.client,
+                                                         envelope.protocol, envelope.auth))
+                and isinstance(envelope.tls, (dict, NoneType))):
+            raise ValueError("bad arrival, helo, client, protocol, tls or auth")
         if not isinstance(envelope.dsn, dict) or not all(
                 isinstance(r, dict) for r in envelope.dsn.values()) or not all(
                 isinstance(e, dict) and isinstance(e.get("address"), str)
@@ -263,7 +280,7 @@ class Envelope:
                 data = json.loads(f.read(MAX_ENVELOPE_LINE))
         except FileNotFoundError:
             return
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError("state is not JSON: %s" % exc) from None
         try:
             for item in data["recipients"]:
@@ -272,14 +289,14 @@ class Envelope:
             self.attempts = int(data["attempts"])
             self.next_attempt, self.last_attempt = data["next_attempt"], data["last_attempt"]
             self.last_error = data["last_error"]
-            if not all(isinstance(t, (int, float, NoneType))
-                       for t in (self.next_attempt, self.last_attempt)):
+            if not (_time(self.next_attempt) and _time(self.last_attempt)
+                    and isinstance(self.last_error, (str, NoneType))):
                 raise ValueError("attempt times")
             reports, self.held = data.get("reports", []), data.get("held", False)
             if not isinstance(reports, list) or not isinstance(self.held, bool):
                 raise ValueError("reports or held")
             self.reports = set(reports)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError("bad state: %r" % exc) from None
 
     def freeze_state(self):

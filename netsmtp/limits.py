@@ -17,6 +17,7 @@ the same in one process's memory.  FailureLog counts failed AUTH attempts
 per client and user, and AuthInProgress lets a client run one AUTH at once.
 """
 
+import errno
 import fcntl
 import ipaddress
 import json
@@ -275,6 +276,11 @@ class SharedState:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return self.fresh()
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            log.warning("%s: a symlink, replaced with a fresh file", self.path)
+            return self.fresh()
         try:
             with os.fdopen(fd, encoding="utf-8") as f:
                 doc = json.load(f)
@@ -359,8 +365,8 @@ class KeyedTimes:
     """Recent event times per key, spread over SHARDS JSON files in SPOOL/locks.
 
     An update loads and rewrites one shard, so its cost stays bounded however
-    many keys are tracked; past MAX_TRACKED keys in all, the keys whose last
-    event is oldest go first, never everyone's.  Times are wall-clock
+    many keys are tracked; past MAX_TRACKED keys in all, the keys with the
+    fewest events go first, never everyone's.  Times are wall-clock
     seconds, valid across a reboot; times in the future are dropped.
     """
 
@@ -393,9 +399,12 @@ class KeyedTimes:
                     doc.pop(key, None)
                 excess = len(doc) - MAX_TRACKED // self.SHARDS
                 if excess > 0:
-                    for old in sorted(doc, key=lambda k: doc[k][-1])[:excess]:
-                        if old != key:
+                    # The keys with the fewest events go first (the oldest of
+                    # those): a busy guesser's record outlives a crowd of one-offs.
+                    for old in sorted(doc, key=lambda k: (len(doc[k]), doc[k][-1]))[:excess + 1]:
+                        if old != key and excess > 0:
                             del doc[old]
+                            excess -= 1
                 return len(times)
             counts.append(self.state(key).update(change))
         return max(counts, default=0)
@@ -427,19 +436,18 @@ class SharedLimits(Limits):
         return {"boot": self.boot, "sessions": {}, "starts": []}
 
     def valid(self, doc):
-        if not (isinstance(doc, dict) and isinstance(doc.get("sessions"), dict)
+        return (isinstance(doc, dict) and isinstance(doc.get("sessions"), dict)
                 and _numbers(doc.get("starts")) and isinstance(doc.get("boot"), str)
-                and all(isinstance(v, str) for v in doc["sessions"].values())):
-            return False
-        if doc["boot"] != self.boot:
-            log.info("%s: from another boot, reset", self.state.path)
-            return False
-        return True
+                and all(isinstance(v, str) for v in doc["sessions"].values()))
 
     def admit(self, peer):
         key, now, me = client_key(peer), self.clock(), process_id(os.getpid())
 
         def change(doc):
+            if doc["boot"] != self.boot:
+                # Its processes are gone and its clock may have jumped: forget it.
+                log.info("%s: from another boot, reset", self.state.path)
+                doc.update(self.fresh())
             doc["sessions"] = sessions = {
                 s: k for s, k in doc["sessions"].items() if s != me and _alive(s)}
             seconds = self.total_rate[1] if self.total_rate else 0

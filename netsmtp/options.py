@@ -341,6 +341,9 @@ SPEC = {opt.name: opt for opt in (
            "file whose first line is the smarthost AUTH password", (DAEMON, SEND)),
     Option("smarthost_auth_plaintext", False, parse_bool,
            "allow AUTH to the smarthost without TLS", (DAEMON, SEND)),
+    Option("smarthost_deadline", 600.0, parse_seconds,
+           "longest one delivery attempt of one message to the smarthost may take, seconds",
+           (SEND,)),
     Option("smarthost_timeout", 120.0, parse_seconds, "seconds to wait for the smarthost",
            (SEND,)),
     Option("maildir_root", None, parse_str,
@@ -436,6 +439,10 @@ class Options:
             self.hostname = socket.getfqdn()
         if self.local_domains is None:
             self.local_domains = (self.hostname.lower(),)
+        from .envelope import MAX_RECIPIENTS
+        if self.max_recipients > MAX_RECIPIENTS:
+            raise OptionError("--max-recipients: at most %d, got %d (the spool's envelope "
+                              "bound)" % (MAX_RECIPIENTS, self.max_recipients))
         if self.spool_min_free is None:
             # Postfix's queue_minfree logic: room for one and a half messages.
             self.spool_min_free = self.max_size * 3 // 2

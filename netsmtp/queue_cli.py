@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from .cli import EX_TEMPFAIL, Parser, add_options, options_from, setup_logging
+from .cli import EX_TEMPFAIL, Parser, add_options, options_from, setup_logging, warn_about_secrets
 from .options import QUEUE, SEND, options_of
 
 # Fewer messages than this finish before a progress bar would help.
@@ -56,6 +56,7 @@ def send_main(argv=None, runner_class=None):
     args = parser.parse_args(argv)
     options = options_from(parser, args)
     setup_logging(options)
+    warn_about_secrets(options)
     if options.recipients:
         from .recipients import TableError, current
         try:
@@ -111,6 +112,10 @@ def queue_main(argv=None):
                             dest=action, help=what + "; ALL for every entry")
     args = parser.parse_args(argv)
     options = options_from(parser, args)
+    from .spool import misnamed
+    if misnamed(options.spool):
+        print("netsmtp-queue: error: %s" % misnamed(options.spool), file=sys.stderr)
+        return 1
     spool = Spool(options.spool)
     for action in ("hold", "release", "delete", "retry_now"):
         if getattr(args, action):

@@ -156,11 +156,13 @@ class QueueRunner:
         for spool, queue_id in entries:
             try:
                 envelope = self.envelope_class.thaw(spool.entry_path(queue_id))
-            except (OSError, ValueError, Incomplete):
-                due.append((0, spool, queue_id))  # gone, quarantined or removed when sent
+                is_due = envelope.due_at <= now and not envelope.held
+                arrival = float(envelope.arrival or 0)
+            except Exception:  # gone, bad (quarantined when sent) or not committed
+                due.append((0, spool, queue_id))  # one bad entry never stops the run
                 continue
-            if envelope.due_at <= now and not envelope.held:
-                due.append((envelope.arrival or 0, spool, queue_id))
+            if is_due:
+                due.append((arrival, spool, queue_id))
         due.sort(key=lambda item: (item[0], item[2]))
         return [(spool, queue_id) for _, spool, queue_id in due]
 

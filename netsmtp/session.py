@@ -730,7 +730,10 @@ class Session(Policy):
         limit = self.options.max_session_recipients
         if limit and self.recipients_total >= limit:
             raise SMTPError("452 4.5.3")
-        replacement = self.check_rcpt_to(address, params)
+        replacement = self.valid_replacement(address, self.check_rcpt_to(address, params))
+        targets = len(set(replacement or [address]) - set(self.envelope.recipients))
+        if len(self.envelope.recipients) + targets > self.options.max_recipients:
+            raise SMTPError("452 4.5.3")  # alias targets count: the envelope stays bounded
         if self.filters is not None:  # after the relay check, so no filter grants relaying
             self.filters.rcpt(address, params)
         self.envelope.add_recipients(address, replacement, request)
@@ -738,6 +741,29 @@ class Session(Policy):
             self.state = State.RCPT
         self.recipients_total += 1
         self.reply("250 2.1.5", address)
+
+    def valid_replacement(self, address, replacement):
+        """check_rcpt_to's replacement addresses, each checked like a RCPT argument.
+
+        An alias file or an override could hand back anything; a CR or LF
+        there would become a command to the smarthost (security review 2,
+        I3).  A bad one is the server's fault: 451 4.3.0, and a log line.
+        """
+        if replacement is None:
+            return None
+        checked = []
+        for recipient in replacement:
+            try:
+                valid = isinstance(recipient, str) and parse_path("<%s>" % recipient) == (
+                    recipient, {}) and recipient != ""
+            except AddressError:
+                valid = False
+            if not valid or not recipient.isascii() and "SMTPUTF8" not in self.envelope.params:
+                log.error("%s: check_rcpt_to(<%s>) returned a bad address %s", self.tag,
+                          printable(address), printable(repr(recipient)))
+                raise SMTPError("451 4.3.0")
+            checked.append(recipient)
+        return checked
 
     def smtp_DATA(self, arg):
         if arg:

@@ -10,6 +10,7 @@ CHUNKING (RFC 3030), else as DATA with dot-stuffing (RFC 5321 section
 import logging
 import smtplib
 import ssl
+import time
 
 from . import dsn
 from .delivery import Delivery, Result
@@ -19,6 +20,71 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 BDAT_CHUNK = 1024 * 1024  # octets per BDAT chunk: one reply per MiB, memory bounded
+MAX_REPLY_LINES = 100  # lines of one reply from the smarthost
+
+
+class BoundedSMTP(smtplib.SMTP):
+    """smtplib.SMTP whose every wait ends at one deadline, with bounded replies.
+
+    smtplib bounds each read by its timeout but not a reply trickled a
+    byte at a time, nor the number of its continuation lines; a delivery
+    attempt (smarthost_deadline) and a probe (verify_timeout) must end in
+    time whatever the server does.  Each wait is also at most timeout.
+    """
+
+    deadline = None  # time.monotonic() by which the probe must be done
+
+    def remaining(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        return min(left, self.timeout) if self.timeout else left
+
+    def _get_socket(self, host, port, timeout):
+        return super()._get_socket(host, port, self.remaining())
+
+    def send(self, s):
+        if self.sock:
+            self.sock.settimeout(self.remaining())
+        super().send(s)
+
+    def getreply(self):
+        lines = []
+        while len(lines) < MAX_REPLY_LINES:
+            line = self.read_line()
+            lines.append(line[4:].strip(b" \t\r\n"))
+            code = line[:3]
+            if not (code.isdigit() and len(code) == 3):
+                return -1, b"\n".join(lines)  # garbage: the caller hangs up
+            if line[3:4] != b"-":
+                return int(code), b"\n".join(lines)
+        self.close()
+        raise smtplib.SMTPResponseException(-1, b"reply over %d lines" % MAX_REPLY_LINES)
+
+    def read_line(self):
+        """One reply line, read straight from the socket within the deadline."""
+        if getattr(self, "_buffered_sock", None) is not self.sock:
+            # A new socket (after STARTTLS): nothing read before it counts.
+            self._buffer, self._buffered_sock = bytearray(), self.sock
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end + 1])
+                del self._buffer[:end + 1]
+                return line
+            if len(self._buffer) > smtplib._MAXLINE:
+                self.close()
+                raise smtplib.SMTPResponseException(500, b"Line too long.")
+            try:
+                self.sock.settimeout(self.remaining())
+                data = self.sock.recv(4096)
+            except OSError as exc:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("connection lost: %s" % exc) from None
+            if not data:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("connection closed")
+            self._buffer += data
 
 
 class SmarthostUnusable(Exception):
@@ -65,6 +131,10 @@ class SmarthostDelivery(Delivery):
     def deliver(self, envelope, recipients):
         if self.options.smarthost is None:
             return dict.fromkeys(recipients, Result(451, "4.3.5 no smarthost configured"))
+        # One attempt of one message, connection and retry included, ends in time.
+        self.deadline = time.monotonic() + self.options.smarthost_deadline
+        if self.smtp is not None:
+            self.smtp.deadline = self.deadline
         for attempt in (1, 2):
             reused = self.smtp is not None
             results = {}
@@ -93,10 +163,14 @@ class SmarthostDelivery(Delivery):
                 log.warning("%s: %s", envelope.id, error)
                 return {r: results.get(r, error) for r in recipients}
 
+    deadline = None  # time.monotonic() by which the current attempt must be done
+
     def new_smtp(self):
-        """An unconnected smtplib.SMTP; netsmtp.verify's probe makes a bounded one."""
-        return smtplib.SMTP(local_hostname=self.options.hostname,
-                            timeout=self.options.smarthost_timeout)
+        """An unconnected BoundedSMTP, bound to the current attempt's deadline."""
+        smtp = BoundedSMTP(local_hostname=self.options.hostname,
+                           timeout=self.options.smarthost_timeout)
+        smtp.deadline = self.deadline
+        return smtp
 
     def connect(self):
         host, port = self.options.smarthost

@@ -123,6 +123,18 @@ def check_entry(f):
     return COMMIT_LINE_SIZE
 
 
+def misnamed(path):
+    """The refusal for a spool directory named like a spool's own folder, or None.
+
+    A spool at BASE/tmp would be taken for BASE's tmp/ and never sent.
+    """
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    if name in (TMP, LOCKS, QUARANTINE):
+        return "%s: a spool directory may not be named %s (a spool's own folders are)" % (
+            path, name)
+    return None
+
+
 def new_queue_id():
     """A queue id unique without coordination, sortable by arrival, file-name safe.
 
@@ -160,6 +172,9 @@ class Spool:
         Called at start-up so an unwritable spool is reported at once, not
         at the first message.
         """
+        problem = misnamed(self.path)
+        if problem is not None:
+            raise OSError(problem)
         for folder in (self.path, self.tmp, self.locks):
             os.makedirs(folder, mode=0o700, exist_ok=True)
         probe = os.path.join(self.path, ".probe-%d" % os.getpid())
@@ -392,19 +407,27 @@ def resolve(paths):
             seen.add(key)
             entries.append((spool, queue_id))
 
+    def is_spool(directory):
+        return os.path.isdir(os.path.join(directory, TMP))
+
     for path in map(os.fspath, paths):
         parent, name = os.path.split(os.path.normpath(path))
         parent = parent or "."
-        if os.path.basename(parent) in (TMP, LOCKS, QUARANTINE) and \
-                not os.path.isdir(os.path.join(path, TMP)):
-            continue  # inside a spool's own folder; /tmp/spool itself is a spool
+        if os.path.basename(parent) in (TMP, LOCKS, QUARANTINE) and not is_spool(path):
+            # Inside a spool's own folder (/tmp/spool itself is a spool) or
+            # inside a spool misnamed like one.
+            if is_spool(parent) and misnamed(parent) not in problems:
+                problems.append(misnamed(parent))
+            continue
         match = ENTRY_NAME.match(name)
         if match and not os.path.isdir(path):
             # No existence check: another sender may just have finished it.
             add(spool_at(parent), match.group(1))
         elif os.path.isdir(path):
-            if name in (TMP, LOCKS, QUARANTINE) and os.path.isdir(os.path.join(parent, TMP)):
-                continue
+            if name in (TMP, LOCKS, QUARANTINE):
+                if is_spool(path) or not is_spool(parent):
+                    problems.append(misnamed(path))
+                continue  # a spool's own folder, as `spool/*` names it
             if not os.path.isdir(os.path.join(path, TMP)):
                 problems.append("%s: not a spool directory (it has no tmp/)" % path)
                 continue

@@ -23,79 +23,15 @@ import time
 
 from .limits import SharedState
 from .replies import printable
-from .smarthost import SmarthostDelivery, SmarthostUnusable
+from .smarthost import BoundedSMTP, SmarthostDelivery, SmarthostUnusable
 
 log = logging.getLogger(__name__)
 
 LOCK_STRIPES = 64  # lock files serialising the probes; a bounded number
-MAX_REPLY_LINES = 100  # lines of one reply from the probed server
 MAX_CACHED = 100_000  # cache files kept at most; expired ones go first
 PRUNE_EVERY = 1000  # cache writes between two prunings
 
 ACCEPT, REFUSE, UNKNOWN = "250", "550 5.1.1", "450 4.1.1"
-
-
-class BoundedSMTP(smtplib.SMTP):
-    """smtplib.SMTP whose every wait ends at one deadline, with bounded replies.
-
-    smtplib bounds each read by its timeout but not a reply trickled a
-    byte at a time, nor the number of its continuation lines; a probe
-    must answer within verify_timeout whatever the server does.
-    """
-
-    deadline = None  # time.monotonic() by which the probe must be done
-
-    def remaining(self):
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no answer within the verification timeout")
-        return left
-
-    def _get_socket(self, host, port, timeout):
-        return super()._get_socket(host, port, self.remaining())
-
-    def send(self, s):
-        if self.sock:
-            self.sock.settimeout(self.remaining())
-        super().send(s)
-
-    def getreply(self):
-        lines = []
-        while len(lines) < MAX_REPLY_LINES:
-            line = self.read_line()
-            lines.append(line[4:].strip(b" \t\r\n"))
-            code = line[:3]
-            if not (code.isdigit() and len(code) == 3):
-                return -1, b"\n".join(lines)  # garbage: the caller hangs up
-            if line[3:4] != b"-":
-                return int(code), b"\n".join(lines)
-        self.close()
-        raise smtplib.SMTPResponseException(-1, b"reply over %d lines" % MAX_REPLY_LINES)
-
-    def read_line(self):
-        """One reply line, read straight from the socket within the deadline."""
-        if getattr(self, "_buffered_sock", None) is not self.sock:
-            # A new socket (after STARTTLS): nothing read before it counts.
-            self._buffer, self._buffered_sock = bytearray(), self.sock
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buffer[:end + 1])
-                del self._buffer[:end + 1]
-                return line
-            if len(self._buffer) > smtplib._MAXLINE:
-                self.close()
-                raise smtplib.SMTPResponseException(500, b"Line too long.")
-            try:
-                self.sock.settimeout(self.remaining())
-                data = self.sock.recv(4096)
-            except OSError as exc:
-                self.close()
-                raise smtplib.SMTPServerDisconnected("connection lost: %s" % exc) from None
-            if not data:
-                self.close()
-                raise smtplib.SMTPServerDisconnected("connection closed")
-            self._buffer += data
 
 
 class ProbeConnection(SmarthostDelivery):

@@ -265,13 +265,13 @@ class HeaderSection:
             self.done = self.overflow = True
 
     def headers(self):
-        fields = []
+        """[(name, value)]; each field's lines are joined once, so the cost is linear."""
+        fields = []  # [name, [value lines]]
         for line in bytes(self.data).split(b"\r\n"):
             if line[:1] in (b" ", b"\t") and fields:
-                name, value = fields[-1]
-                fields[-1] = (name, value + "\r\n" + line.decode("utf-8", "replace"))
+                fields[-1][1].append(line.decode("utf-8", "replace"))
             elif line:
                 name, sep, value = line.partition(b":")
                 fields.append((name.decode("utf-8", "replace") if sep else None,
-                               value.decode("utf-8", "replace").strip()))
-        return fields
+                               [value.decode("utf-8", "replace").strip()]))
+        return [(name, "\r\n".join(lines)) for name, lines in fields]
