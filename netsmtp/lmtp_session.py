@@ -9,9 +9,10 @@ gets the same answer: the 250 of the spooled entry, or the refusal.
 """
 
 import logging
+from types import MappingProxyType
 
 from .address import domain_of
-from .replies import SMTPError
+from .replies import REPLIES, SMTPError
 from .session import Session, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class LMTPSession(Session):
     """
 
     predecessors = {**Session.predecessors, "LHLO": Session.predecessors["EHLO"]}
+    replies = MappingProxyType({**REPLIES, "220": "%s LMTP netsmtp ready"})
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

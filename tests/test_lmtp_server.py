@@ -33,6 +33,7 @@ def test_helo_and_ehlo_get_500(lmtp):
     """L1: HELO and EHLO never get a positive reply: 500 5.5.1 each."""
     replies = lmtp([b"EHLO x", b"HELO x", b"MAIL FROM:<a@x.test>"])
     assert [code for code, _ in replies] == [220, 500, 500, 503]
+    assert replies[0][1] == ["220 mx.test LMTP netsmtp ready"]
     assert replies[1][1][0].startswith("500 5.5.1 EHLO is not LMTP")
 
 

@@ -331,8 +331,10 @@ def test_three_nodes_behind_haproxy_lose_nothing_when_one_is_killed(network, tmp
         wait_for(lambda: victim.log().count("PROXY v2 LOCAL") >= 1, what="health checks")
 
         clients = Clients(port)
-        threads = [threading.Thread(target=clients.client, args=(i,)) for i in range(CLIENTS)]
-        threads.append(threading.Thread(target=clients.victim, args=(victim.name,)))
+        # Daemon threads: a failure here must not leave pytest waiting on them.
+        threads = [threading.Thread(target=clients.client, args=(i,), daemon=True)
+                   for i in range(CLIENTS)]
+        threads.append(threading.Thread(target=clients.victim, args=(victim.name,), daemon=True))
         for thread in threads:
             thread.start()
         wait_for(lambda: len(clients.acked) >= MESSAGES // 3 and clients.holding.is_set(),
