@@ -254,6 +254,11 @@ def check_recipient(options, text):
         print("%s: refused: 550 5.7.1 %s is not a local domain (relayed only for the "
               "relay networks and AUTH)" % (printable(address), printable(domain)))
         return 1
+    from .policy import ROUTING
+    if domain and ROUTING.intersection(address.rpartition("@")[0]):
+        print("%s: refused: 550 5.7.1 a routing local part (%%, !, @) is a relay attempt" % (
+            printable(address)))
+        return 1
     from .recipients import current
     verify = None
     if options.verify_recipients:

@@ -240,6 +240,8 @@ def check(tmp_path, *args, table=TABLE):
     ("<postmaster>", 0, "postmaster always exists"),
     ("nobody@example.com", 1, "refused: 550 5.1.1"),
     ("someone@elsewhere.example", 1, "refused: 550 5.7.1"),
+    # The %-hack is a relay attempt at RCPT, catch-all or not: so it is here.
+    ("a%elsewhere.example@example.net", 1, "refused: 550 5.7.1"),
 ])
 def test_check_recipient_prints_and_exits(tmp_path, address, code, words):
     """netsmtp --check-recipient: what it resolves to; 0 accepted, 1 refused."""
