@@ -76,12 +76,14 @@ def setup_logging(options, protocol_on_stdio=False):
     """Log to stderr, or to syslog when asked or when stderr is the client.
 
     inetd and xinetd hand the connection over as fds 0, 1 and 2; a log line
-    on stderr would then reach the client, so it goes to syslog (or nowhere)
-    and logging may not print its own errors either.
+    on stderr would then reach the client, so it goes to syslog (or nowhere),
+    and neither logging nor Python may print its own errors there either.
     """
     stderr_is_client = protocol_on_stdio and (same_file(0, 2) or same_file(1, 2))
     if stderr_is_client:
         logging.raiseExceptions = False
+        # Nor may Python print a traceback there: the client would read it.
+        sys.stderr = open(os.devnull, "w")
     handler = None
     if options.syslog or stderr_is_client:
         handler = syslog_handler()

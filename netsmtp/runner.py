@@ -23,6 +23,8 @@ from .spool import Busy, Incomplete, Spool
 
 log = logging.getLogger(__name__)
 
+STATE_ROOM = 1024  # octets per recipient a padded state keeps for its outcome
+
 
 class Run(enum.StrEnum):
     """What a run did with one entry (Outcome.state); the values are what netsmtp-send prints."""
@@ -299,7 +301,7 @@ class QueueRunner:
             deferred = []
         if envelope.sender and envelope.recipients_in(Status.FAILED):
             # Record the deliveries first, so a failing bounce repeats none.
-            spool.write_state(envelope.id, envelope.freeze_state())
+            self.record_state(spool, envelope)
         self.bounce(spool, envelope, now)
         self.report(spool, envelope, results, now)
         if envelope.finished:
@@ -307,7 +309,7 @@ class QueueRunner:
         else:
             if deferred:
                 envelope.next_attempt = self.next_attempt(envelope, now)
-            spool.write_state(envelope.id, envelope.freeze_state())
+            self.record_state(spool, envelope)
         outcome = {r: (envelope.status[r].status, results.get(r)) for r in envelope.recipients
                    if r in results or envelope.status[r].status in (Status.BOUNCED, Status.DROPPED)}
         return Outcome(envelope.id, Run.SENT, envelope, outcome, removed=envelope.finished)
@@ -322,11 +324,27 @@ class QueueRunner:
         try:
             if spool.free_space() >= self.options.spool_min_free:
                 return True
-            spool.write_state(envelope.id, envelope.freeze_state())
+            # Padded, so the outcome fits in place even if the disk fills meanwhile.
+            room = STATE_ROOM * len(envelope.recipients)
+            spool.write_state(envelope.id, envelope.freeze_state() + b" " * room)
             return True
         except OSError as exc:
             log.error("%s: not sent: cannot record its state: %s", envelope.id, exc)
             return False
+
+    def record_state(self, spool, envelope):
+        """Write the entry's state; on a full disk, into the room a padded state kept."""
+        data = envelope.freeze_state()
+        try:
+            spool.write_state(envelope.id, data)
+        except OSError as exc:
+            try:
+                written = spool.overwrite_state(envelope.id, data)
+            except OSError:
+                written = False
+            if not written:
+                raise
+            log.warning("%s: state written in place: %s", envelope.id, exc)
 
     def next_attempt(self, envelope, now):
         """Exponential backoff: retry_initial doubling to retry_max, never past expiry."""

@@ -12,7 +12,7 @@ from .policy import Policy
 from .replies import REPLIES, SMTPError, format_reply, printable
 from .spool import Spool, new_queue_id
 from .states import IDLE, PREDECESSORS, UNIMPLEMENTED, State
-from .wire import ChunkedText, DataProblem, LineReader, LineTooLong, MessageSink
+from .wire import TEXT_LINE_LIMIT, ChunkedText, DataProblem, LineReader, LineTooLong, MessageSink
 
 log = logging.getLogger(__name__)
 
@@ -803,7 +803,7 @@ class Session(Policy):
                 self.chunks = sink, ChunkedText(sink.write, self.options.max_size)
                 self.state = State.CHUNKING
             sink, text = self.chunks
-            self.reader.read_exact(size, text.feed)
+            self.read_chunk(size, text.feed)
             framed = True
         finally:
             if not framed:  # lost in mid-chunk: the next octets cannot be told apart
@@ -818,6 +818,21 @@ class Session(Policy):
         finally:
             sink.writer.close()
             self.reset_transaction()
+
+    def read_chunk(self, size, write):
+        """Read a BDAT chunk with DATA's deadline: a line's worth within options.timeout."""
+        arrived = [0]
+
+        def feed(piece):
+            before, arrived[0] = arrived[0], arrived[0] + len(piece)
+            if arrived[0] // TEXT_LINE_LIMIT != before // TEXT_LINE_LIMIT:
+                self.line_arrived()
+            write(piece)
+        self.line_arrived()
+        try:
+            self.reader.read_exact(size, feed)
+        finally:
+            self.command_deadline = None
 
     def chunk_size(self, arg):
         """BDAT's (size, last); a line that cannot be framed is refused and closes.

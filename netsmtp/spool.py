@@ -257,6 +257,24 @@ class Spool:
         os.rename(tmp_path, self.state_path(queue_id))
         fsync_directory(self.path)
 
+    def overwrite_state(self, queue_id, data):
+        """Write data over ID.state in place, within the octets it holds already.
+
+        The fallback when a full disk refuses write_state()'s new file: the
+        space a padded state reserved (netsmtp.runner) takes the outcome of
+        a delivery, so it is never repeated.  False when data does not fit.
+        """
+        fd = os.open(self.state_path(queue_id), os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            room = os.fstat(fd).st_size
+            if len(data) > room:
+                return False
+            os.pwrite(fd, data.ljust(room), 0)  # JSON allows the trailing spaces
+            os.fsync(fd)
+            return True
+        finally:
+            os.close(fd)
+
     def remove_incomplete(self, queue_id, reason):
         """Remove an entry that was never committed, with a log line (crash debris)."""
         path = self.entry_path(queue_id)

@@ -125,3 +125,32 @@ def test_send_on_a_full_disk_sends_nothing_it_cannot_record(small_fs, capsys):
         assert run_cli(send_main, args) == 0
         assert run_cli(send_main, args) == 0
         assert len(smarthost.messages) == 1 and spool.queue_ids() == []
+
+
+def test_disk_full_after_a_delivery_repeats_none(small_fs, monkeypatch, capsys):
+    """Below the reserve the state written before sending keeps room; when the disk is
+    full by the time the outcome is recorded (the new state file cannot be made), the
+    outcome goes into that room: the next run retries only the deferred recipient."""
+    base, fill = small_fs
+    spool = Spool(os.path.join(base, "spool"))
+    spool.prepare()
+    put(spool, recipients=["u@x.test", "v@x.test"])
+    writes = []
+    real = Spool.write_state
+
+    def write_state(self, queue_id, data):
+        writes.append(queue_id)
+        if len(writes) == 2:  # the outcome: the disk is full by now
+            fill(0)
+        return real(self, queue_id, data)
+    monkeypatch.setattr(Spool, "write_state", write_state)
+    with CaptureServer() as smarthost:
+        smarthost.rcpt_replies["v@x.test"] = "451 4.7.1 greylisted"
+        args = ["--smarthost", smarthost.address, "--smarthost-tls", "off",
+                "--spool-min-free", "1000000000", spool.path]
+        assert run_cli(send_main, args) == 75
+        fill.free()
+        del smarthost.rcpt_replies["v@x.test"]
+        assert run_cli(send_main, args) == 0
+        recipients = [r for m in smarthost.messages for r in m.recipients]
+    assert sorted(recipients) == ["u@x.test", "v@x.test"] and spool.queue_ids() == []

@@ -361,3 +361,24 @@ def test_maildir_messages_are_private(tmp_path, caplog):
         os.umask(old)
     [message] = list((root / "u" / "new").iterdir())
     assert stat.S_IMODE(message.stat().st_mode) == 0o600
+
+
+def test_inetd_never_prints_a_traceback_to_the_client(tmp_path):
+    """Even an exception nothing catches (here: a broken serve_stdin) prints nothing on
+    fd 2 when fd 2 is the connection."""
+    code = ("import sys, netsmtp.inetd as inetd\n"
+            "def broken(*args): raise ZeroDivisionError('secret path /opt/netsmtp')\n"
+            "inetd.serve_stdin = broken\n"
+            "from netsmtp.cli import main\n"
+            "main(sys.argv[1:])\n")
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-c", code, "--stdin", "--spool",
+                             str(tmp_path / "spool"), "--hostname", "mx.test"],
+                            stdin=theirs, stdout=theirs, stderr=theirs, cwd=ROOT)
+    theirs.close()
+    ours.shutdown(socket.SHUT_WR)
+    ours.settimeout(30)
+    received = b"".join(iter(lambda: ours.recv(4096), b""))
+    proc.wait(30)
+    assert proc.returncode != 0
+    assert b"Traceback" not in received and b"secret" not in received

@@ -136,3 +136,26 @@ def test_second_auth_of_a_client_waits_for_none(server_factory, tmp_path):
     assert lines_within(second, 1, 10) == [b"235 2.7.0 Authentication successful"]
     first.close()
     second.close()
+
+
+def test_trickled_bdat_chunk_is_cut_off_too(server_factory):
+    """A BDAT chunk trickled a byte at a time gets DATA's deadline: 421 4.4.2 once a
+    line's worth (1000 octets) has not come within --timeout."""
+    server = server_factory("--timeout", "1", "--session-timeout", "300")
+    sock = connect(server.port)
+    assert lines_within(sock, 1, 10)
+    sock.sendall(b"EHLO slow.test\r\nMAIL FROM:<a@slow.test>\r\nRCPT TO:<u@mx.test>\r\n")
+    assert until(sock, b"250 2.1.5", 10)
+    sock.sendall(b"BDAT 100000 LAST\r\n")
+    reply = b""
+    for _ in range(100):
+        try:
+            sock.send(b"x")
+        except OSError:
+            break
+        ready, _, _ = select.select([sock], [], [], 0.2)
+        if ready:
+            reply = sock.recv(4096)
+            break
+    assert reply == b"421 4.4.2 mx.test idle for too long, closing connection\r\n"
+    sock.close()
