@@ -1,6 +1,12 @@
-"""Command-line front ends: parse options, set up logging, run, return an exit code."""
+"""Command-line front ends: parse options, set up logging, run, return an exit code.
 
-import argparse
+`netsmtp --stdin` starts once per connection under inetd, so its flags are
+read by quick_flags(), a few lines built from the same table as the
+argparse parser (netsmtp.options.SPEC); anything it does not take for
+certain (--help, an abbreviation, a bad value's message) goes to argparse,
+which is imported only then.
+"""
+
 import logging
 import os
 import sys
@@ -14,15 +20,77 @@ EX_TEMPFAIL = 75
 log = logging.getLogger(__name__)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr and exit code 2."""
+def make_parser(prog, description=None):
+    """An argparse parser whose errors are one line on stderr and exit code 2.
+
+    argparse is imported here, not at the top: a --stdin start needs none.
+    """
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(EX_USAGE, "%s: error: %s\n" % (self.prog, message))
+    return Parser(prog=prog, description=description)
+
+
+class QuickParser:
+    """What options_from() and main() need of a parser, for flags quick_flags() read."""
+
+    def __init__(self, prog):
+        self.prog = prog
 
     def error(self, message):
-        self.exit(EX_USAGE, "%s: error: %s\n" % (self.prog, message))
+        sys.stderr.write("%s: error: %s\n" % (self.prog, message))
+        raise SystemExit(EX_USAGE)
+
+
+def quick_flags(argv, names):
+    """The flags of a --stdin start as a namespace, or None to leave them to argparse.
+
+    Takes exactly what the argparse parser of add_options(names) takes in
+    the common forms: "--flag VALUE", "--flag=VALUE", "--bool" and
+    "--no-bool", repeatable flags, "--config FILE".  Anything else (an
+    unknown or abbreviated flag, a value that looks like a flag, no
+    --stdin) returns None, and argparse parses argv as always, errors and
+    all.
+    """
+    import types
+    flags = {"--config": None}
+    for name in names:
+        opt = SPEC[name]
+        flags[opt.flag] = opt
+        if opt.parse is parse_bool:
+            flags["--no-" + opt.flag[2:]] = opt
+    values = {"config": None}
+    args = iter(argv)
+    for arg in args:
+        flag, equals, value = arg.partition("=")
+        if flag not in flags:
+            return None
+        opt = flags[flag]
+        if opt is not None and opt.parse is parse_bool:
+            if equals:
+                return None
+            values[opt.name] = not flag.startswith("--no-")
+            continue
+        if not equals:
+            value = next(args, None)
+            if value is None or value.startswith("-"):
+                return None
+        if opt is None:
+            values["config"] = value
+        elif opt.each:
+            values.setdefault(opt.name, []).append(value)
+        else:
+            values[opt.name] = value
+    if values.get("stdin") is not True:
+        return None
+    return types.SimpleNamespace(**values)
 
 
 def add_options(parser, names):
     """Add a flag for each named option of SPEC, and --config."""
+    import argparse
     parser.add_argument("--config", metavar="FILE",
                         help="TOML file whose keys are these options' names; keys of the "
                         "other netsmtp programs are accepted too")
@@ -115,15 +183,26 @@ def warn_about_secrets(options):
             warn_if_readable(options.smarthost_password_file, "--smarthost-password-file")
 
 
-def main(argv=None):
-    """netsmtp: the SMTP daemon (the prefork or forking server, or one session on stdin)."""
-    parser = Parser(prog=DAEMON, description="A small, durable SMTP server.")
+def daemon_parser():
+    parser = make_parser(DAEMON, "A small, durable SMTP server.")
     add_options(parser, options_of(DAEMON))
     parser.add_argument("--version", action="version", version="netsmtp " + __version__)
     parser.add_argument("--check-recipient", metavar="ADDRESS",
                         help="print what ADDRESS resolves to (mailbox, alias targets, or "
                              "refused and why) and exit: 0 accepted, 1 refused")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """netsmtp: the SMTP daemon (the prefork or forking server, or one session on stdin)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = quick_flags(argv, options_of(DAEMON))
+    if args is not None:
+        parser = QuickParser(DAEMON)
+        args.check_recipient = None
+    else:
+        parser = daemon_parser()
+        args = parser.parse_args(argv)
     options = options_from(parser, args)
     if options.tls_on_connect and not options.tls_cert:
         parser.error("--tls-on-connect needs --tls-cert")
@@ -276,8 +355,8 @@ def passwd(argv=None):
 
     The password is read from stdin, or asked for twice on a terminal.
     """
-    parser = Parser(prog="netsmtp-passwd",
-                    description="Print a user:hash line for netsmtp --auth-file.")
+    parser = make_parser("netsmtp-passwd",
+                         "Print a user:hash line for netsmtp --auth-file.")
     parser.add_argument("user", help="the user name (no colon, no line break)")
     args = parser.parse_args(argv)
     if ":" in args.user or not args.user.isprintable():

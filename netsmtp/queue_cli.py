@@ -8,7 +8,8 @@ import json
 import sys
 import time
 
-from .cli import EX_TEMPFAIL, Parser, add_options, options_from, setup_logging, warn_about_secrets
+from .cli import (EX_TEMPFAIL, add_options, make_parser, options_from, setup_logging,
+                  warn_about_secrets)
 from .options import QUEUE, SEND, options_of
 
 # Fewer messages than this finish before a progress bar would help.
@@ -43,7 +44,7 @@ def send_main(argv=None, runner_class=None):
     """netsmtp-send: deliver spool entries; exit 0, 75 if any deferred, 1 on errors."""
     from .runner import QueueRunner
     from .spool import resolve
-    parser = Parser(prog=SEND, description=(
+    parser = make_parser(SEND, (
         "Deliver spooled messages: each PATH is a spool entry (spool/ID.msg or "
         "spool/ID.state) or a spool directory for all its entries."))
     parser.add_argument("paths", nargs="+", metavar="PATH",
@@ -96,7 +97,7 @@ def send_main(argv=None, runner_class=None):
 def queue_main(argv=None):
     """netsmtp-queue: list the queue like mailq, or as JSON; or hold, release, delete, retry."""
     from .spool import Spool
-    parser = Parser(prog=QUEUE, description=(
+    parser = make_parser(QUEUE, (
         "List the messages in the spool, or change entries: hold, release, delete, retry now "
         "(ID... or ALL)."))
     add_options(parser, options_of(QUEUE))

@@ -118,7 +118,7 @@ def test_one_config_file_serves_both_programs(tmp_path, capsys):
     config = tmp_path / "netsmtp.toml"
     config.write_text('listen = "127.0.0.1:0"\nworkers = 2\nmax_size = 1000\n'
                       'smarthost = "127.0.0.1:1"\nretry_max = "1h"\nhostname = "mx.test"\n')
-    parser = cli.Parser(prog=DAEMON)
+    parser = cli.make_parser(DAEMON)
     cli.add_options(parser, options_of(DAEMON))
     options = cli.options_from(parser, parser.parse_args(["--config", str(config)]))
     assert options.max_size == 1000 and options.smarthost == ("127.0.0.1", 1)
@@ -192,7 +192,7 @@ def test_config_file_and_flags_combine(tmp_path, monkeypatch):
     from netsmtp import cli
     config = tmp_path / "c.toml"
     config.write_text('max-size = 1234\nmax_recipients = 5\nlocal_domains = ["a.test", "b.test"]\n')
-    parser = cli.Parser(prog="netsmtp")
+    parser = cli.make_parser("netsmtp")
     cli.add_options(parser, SPEC)
     args = parser.parse_args(["--config", str(config), "--max-recipients", "9", "--hostname", "h"])
     options = cli.options_from(parser, args)
