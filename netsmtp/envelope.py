@@ -9,7 +9,6 @@ message file is written once.  JSON only: thawing a spool file can never
 run code.
 """
 
-import dataclasses
 import enum
 import json
 import math
@@ -82,7 +81,6 @@ class Result(namedtuple("Result", "code text remote", defaults=(None,))):
         return "%d %s" % (self.code, self.text)
 
 
-@dataclasses.dataclass
 class Recipient:
     """One recipient's record in the queue.
 
@@ -94,15 +92,32 @@ class Recipient:
     reports  the DSN reports already sent about it ("delayed", "delivered",
              "relayed"), so a retry or a crash never sends one twice
     remote   the server that gave the last reply, None if netsmtp made it
+
+    A plain class, not a dataclass: importing dataclasses (and with it
+    inspect) would cost every --stdin start about 5 ms (bench/README.md).
     """
 
-    address: str
-    status: Status = Status.PENDING
-    reply: Result | None = None
-    notify: tuple | None = None
-    orcpt: str | None = None
-    reports: set = dataclasses.field(default_factory=set)
-    remote: str | None = None
+    FIELDS = ("address", "status", "reply", "notify", "orcpt", "reports", "remote")
+
+    def __init__(self, address, status=Status.PENDING, reply=None, notify=None, orcpt=None,
+                 reports=None, remote=None):
+        self.address, self.status, self.reply = address, status, reply
+        self.notify, self.orcpt, self.remote = notify, orcpt, remote
+        self.reports = set() if reports is None else reports
+
+    def _values(self):
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # mutable, as a dataclass without frozen=True
+
+    def __repr__(self):
+        return "Recipient(%s)" % ", ".join(
+            "%s=%r" % (name, getattr(self, name)) for name in self.FIELDS)
 
     @property
     def final(self):

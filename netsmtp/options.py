@@ -8,8 +8,6 @@ only, but every program accepts every key of a shared TOML file.  Parsers take
 the text of a flag or the native value of a TOML key or keyword.
 """
 
-import socket
-
 
 class OptionError(ValueError):
     """An option value that cannot be used; the message names the option."""
@@ -136,11 +134,20 @@ def parse_filter_addresses(value):
     return tuple(parse_filter_address(item) for item in parse_list(value))
 
 
+POLICY_DEFAULT_ACTION = "451 4.3.5 Server configuration problem"
+
+
 def parse_policy_action(value):
-    """The action taken when a policy service fails (a Postfix access(5) action)."""
-    from .policy_service import parse_action
+    """The action taken when a policy service fails (a Postfix access(5) action).
+
+    The table's default is known good (tests/test_cli.py checks it), so
+    Options() checks it without importing netsmtp.policy_service, which a
+    session without policy services never needs.
+    """
     text = str(value).strip()
-    parse_action(text)  # ValueError when it is not one netsmtp takes
+    if text != POLICY_DEFAULT_ACTION:
+        from .policy_service import parse_action
+        parse_action(text)  # ValueError when it is not one netsmtp takes
     return text
 
 
@@ -394,8 +401,7 @@ SPEC = {opt.name: opt for opt in (
     Option("policy_end_of_message", False, parse_bool,
            "ask the policy services again at the end of each message"),
     Option("policy_timeout", 10.0, parse_seconds, "seconds to wait for a policy service"),
-    Option("policy_default_action", "451 4.3.5 Server configuration problem",
-           parse_policy_action,
+    Option("policy_default_action", POLICY_DEFAULT_ACTION, parse_policy_action,
            "action when a policy service is down, slow or answers garbage"),
     Option("milters", (), parse_filter_addresses,
            "a milter, HOST:PORT, inet:HOST:PORT or unix:PATH (repeatable; applied in order)",
@@ -436,6 +442,7 @@ class Options:
             setattr(self, opt.name, value)
         self._given = dict(values)
         if self.hostname is None:
+            import socket  # here: a session over a pipe with --hostname needs none
             self.hostname = socket.getfqdn()
         if self.local_domains is None:
             self.local_domains = (self.hostname.lower(),)

@@ -198,3 +198,86 @@ def test_config_file_and_flags_combine(tmp_path, monkeypatch):
     options = cli.options_from(parser, args)
     assert options.max_size == 1234 and options.max_recipients == 9
     assert options.local_domains == ("a.test", "b.test")
+
+
+def sample_argv():
+    """Every daemon flag once, in the forms argparse takes: --flag V, --flag=V, --bool, --no-bool."""
+    argv = ["--stdin"]
+    for number, name in enumerate(options_of(DAEMON)):
+        opt = SPEC[name]
+        if name == "stdin":
+            continue
+        if opt.parse.__name__ == "parse_bool":
+            argv.append(opt.flag if number % 2 else "--no-" + opt.flag[2:])
+        elif opt.each:
+            argv += [opt.flag, "a%d" % number, "%s=b%d" % (opt.flag, number)]
+        elif number % 2:
+            argv += [opt.flag, "v%d" % number]
+        else:
+            argv.append("%s=v%d" % (opt.flag, number))
+    return argv + ["--config", "c.toml"]
+
+
+def test_quick_flags_read_what_argparse_reads():
+    """The --stdin parser, built from the same table, gives argparse's values for every flag."""
+    from netsmtp import cli
+    argv = sample_argv()
+    parser = cli.daemon_parser()
+    expected = parser.parse_args(argv)
+    quick = cli.quick_flags(argv, options_of(DAEMON))
+    for name in [*options_of(DAEMON), "config"]:
+        assert getattr(quick, name, None) == getattr(expected, name), name
+
+
+@pytest.mark.parametrize("argv", [
+    ["--spool", "s"],                       # no --stdin: the daemon's start is argparse's
+    ["--stdin", "--spo", "s"],               # an abbreviation argparse would take
+    ["--stdin", "--help"],
+    ["--stdin", "--version"],
+    ["--stdin", "--spool"],                  # a missing value: argparse says so
+    ["--stdin", "--max-size", "-5"],         # a value that looks like a flag
+    ["--stdin=yes"],
+    ["--stdin", "stray"],
+    ["--stdin", "--check-recipient", "a@b.test"],
+])
+def test_quick_flags_leave_the_unusual_to_argparse(argv):
+    """Anything but the plain forms goes to argparse, so its messages and behaviour stay."""
+    from netsmtp import cli
+    assert cli.quick_flags(argv, options_of(DAEMON)) is None
+
+
+def test_bad_value_under_stdin_is_still_one_line_and_exit_2(tmp_path):
+    """A bad value read by the quick parser is refused exactly as argparse's path refuses it."""
+    result = run("--stdin", "--spool", str(tmp_path / "s"), "--max-size", "lots")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("netsmtp: error: --max-size")
+
+
+LEAN_START = """
+import sys
+sys.argv = ["netsmtp", "--stdin", "--spool", sys.argv[1], "--hostname", "mx.test"]
+from netsmtp.cli import main
+main()
+sys.stderr.write("MODULES " + " ".join(sorted(sys.modules)) + "\\n")
+"""
+
+
+def test_stdin_session_imports_only_what_it_uses(tmp_path):
+    """A plain --stdin session loads no argparse, dataclasses (inspect) or filter modules."""
+    result = subprocess.run(
+        [sys.executable, "-c", LEAN_START, str(tmp_path / "spool")], cwd=ROOT, timeout=30,
+        input=b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@mx.test>\r\nDATA\r\n"
+              b"Subject: x\r\n\r\nx\r\n.\r\nQUIT\r\n", capture_output=True)
+    assert b"250 2.6.0" in result.stdout
+    modules = result.stderr.decode().split("MODULES ")[1].split()
+    assert "netsmtp.session" in modules
+    assert {"argparse", "dataclasses", "inspect", "netsmtp.policy_service",
+            "netsmtp.filters", "logging.handlers"}.isdisjoint(modules)
+
+
+def test_policy_default_action_is_one_netsmtp_takes():
+    """Options() trusts the table's default without importing the policy client: it must parse."""
+    from netsmtp.options import POLICY_DEFAULT_ACTION
+    from netsmtp.policy_service import parse_action
+    assert SPEC["policy_default_action"].default == POLICY_DEFAULT_ACTION
+    parse_action(POLICY_DEFAULT_ACTION)
