@@ -15,7 +15,7 @@ from . import dsn
 from .delivery import Delivery, Result
 from .options import UnixPath
 from .replies import printable
-from .smarthost import _reply, send_data
+from .smarthost import BDAT_CHUNK, _reply, send_data
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,9 @@ class LMTPDelivery(Delivery):
 
     One connection serves the whole queue run, one transaction per message:
     LHLO once, then MAIL, the RCPTs and DATA pipelined in one write (an LMTP
-    server must support PIPELINING, RFC 2033 section 5), the message, and
-    one reply per accepted recipient: 2xx delivered, 4xx deferred, 5xx
+    server must support PIPELINING, RFC 2033 section 5), the message (in
+    BDAT chunks when the server offers CHUNKING), and one reply per
+    accepted recipient: 2xx delivered, 4xx deferred, 5xx
     failed and bounced.  The DSN request (RET, ENVID, NOTIFY, ORCPT) goes
     to a server that offers DSN, which then reports itself; for one that
     does not, a 250 is final delivery and netsmtp reports it.  A server that cannot be reached defers all mail of
@@ -167,12 +168,15 @@ class LMTPDelivery(Delivery):
         for recipient in recipients:
             extra = self.rcpt_options(lmtp, envelope, recipient)
             lines.append("RCPT TO:<%s>%s\r\n" % (recipient, "".join(" " + o for o in extra)))
-        lines.append("DATA\r\n")
+        # RFC 3030: a server with CHUNKING gets the message in BDAT chunks.
+        chunking = lmtp.has_extn("chunking")
+        if not chunking:
+            lines.append("DATA\r\n")
         sent.append(True)
         lmtp.send("".join(lines))
         mail_reply = _reply(lmtp.getreply())
         rcpt_replies = [_reply(lmtp.getreply()) for _ in recipients]
-        data_reply = _reply(lmtp.getreply())
+        data_reply = None if chunking else _reply(lmtp.getreply())
         accepted = []
         for recipient, reply in zip(recipients, rcpt_replies, strict=True):
             if not 200 <= mail_reply.code < 300:
@@ -181,6 +185,12 @@ class LMTPDelivery(Delivery):
                 accepted.append(recipient)
             else:
                 results[recipient] = reply
+        if chunking:
+            if accepted:
+                self.send_chunks(lmtp, envelope, accepted, results)
+            else:
+                lmtp.rset()
+            return
         if data_reply.code == 354 and not accepted:
             # RFC 2033 section 4.2 wants 503 here; after a 354 the count of
             # replies to come is unknowable, so this connection is done.
@@ -202,6 +212,33 @@ class LMTPDelivery(Delivery):
             results[recipient] = _reply(lmtp.getreply())
         log.debug("%s: lmtp %s: %s", envelope.id, self.where, "; ".join(
             "<%s> %s" % (printable(r), results[r]) for r in accepted))
+
+    def send_chunks(self, lmtp, envelope, accepted, results):
+        """The message as BDAT chunks; after BDAT LAST one reply per accepted RCPT.
+
+        A chunk before the last gets one reply; one that is not 2xx ends
+        the message with that reply for every accepted recipient.
+        """
+        with envelope.open() as message:
+            chunk = message.read(BDAT_CHUNK)
+            while True:
+                following = message.read(BDAT_CHUNK)
+                last = not following
+                if last and not chunk.endswith(b"\r\n"):
+                    chunk += b"\r\n"
+                lmtp.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b""))
+                lmtp.send(chunk)
+                if last:
+                    break
+                reply = _reply(lmtp.getreply())
+                if not 200 <= reply.code < 300:
+                    results.update(dict.fromkeys(accepted, reply))
+                    lmtp.rset()
+                    return
+                chunk = following
+        # RFC 2033 section 4.3: BDAT LAST is answered like DATA's final dot.
+        for recipient in accepted:
+            results[recipient] = _reply(lmtp.getreply())
 
     def drop(self):
         if self.lmtp is not None:

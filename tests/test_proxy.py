@@ -363,12 +363,13 @@ damaged = st.one_of(
 
 
 @settings(max_examples=400, deadline=None)
-@given(data=damaged, trailer=trailers)
-def test_damaged_input_raises_only_proxyerror_and_reads_a_bounded_prefix(data, trailer):
-    """Anything at all: a header or a ProxyError, never another exception; a header
-    consumes exactly its own length, a failure never more than the header limits."""
+@given(data=damaged, trailer=trailers, pipe=st.booleans())
+def test_damaged_input_raises_only_proxyerror_and_reads_a_bounded_prefix(data, trailer, pipe):
+    """Anything at all, on a socket or a pipe: a header or a ProxyError, never another
+    exception; a header consumes exactly its own length, a failure never more than
+    the header limits."""
     stream = data + trailer
-    result, rest = over_socket(stream, timeout=0.5)
+    result, rest = (over_pipe if pipe else over_socket)(stream, timeout=0.5)
     consumed = len(stream) - len(rest)
     assert rest == stream[consumed:]
     if isinstance(result, ProxyError):

@@ -347,3 +347,24 @@ def test_haproxy_tls_facts_are_logged_never_trusted(server_factory, haproxy, tls
             pass
         assert reader.readline().startswith(b"530 5.7.0")
     wait_for(lambda: "TLS at the proxy: TLSv1.3" in server.output(), what="the TLS log line")
+
+
+def test_auth_failures_count_against_the_client(server_factory, tmp_path):
+    """A failed AUTH behind the proxy is counted for the header's source, 192.0.2.7,
+    not for the proxy 127.0.0.1 that all clients share."""
+    import base64
+
+    from netsmtp.auth import hash_password
+    from netsmtp.limits import FailureLog
+    users = tmp_path / "users"
+    users.write_text("alice:%s\n" % hash_password("right"))
+    server = server_factory("--workers", "0", *PROXY, "--auth-file", str(users),
+                            "--auth-plaintext", "--auth-fail-delay", "0")
+    client = Client(server.port)
+    client.send(v2() + b"EHLO c.test\r\nAUTH PLAIN " + base64.b64encode(b"\0alice\0wrong")
+                + b"\r\n")
+    assert [client.reply()[0] for _ in range(3)] == [220, 250, 535]
+    client.close()
+    failures = FailureLog(server.spool)
+    assert failures.recent("192.0.2.7") == 1
+    assert failures.recent("127.0.0.1") == 0
