@@ -107,7 +107,8 @@ class RecipientTable:
     entries     {lower-cased address or "@domain": tuple of targets, or
                 None for a mailbox}
     mailboxes   lower-cased addresses the table names as mailboxes: the
-                entries without targets and every local alias target
+                entries without targets and the local alias targets no entry
+                matches (see is_own_mailbox)
     """
 
     def __init__(self, path, local_domains, delimiter="", hostname=None):
@@ -199,8 +200,20 @@ class RecipientTable:
                 finals = self.expand_targets(entries, targets, (key,))
             except TableError as exc:
                 raise TableError("%s:%d: %s: %s" % (self.path, lines[key], key, exc)) from None
-            mailboxes.update(t.lower() for t in finals if split_local(t)[1] in self.local_domains)
+            mailboxes.update(t.lower() for t in finals if self.is_own_mailbox(entries, t))
         return mailboxes
+
+    def is_own_mailbox(self, entries, target):
+        """True for a local alias target that no entry names (a catch-all aside).
+
+        A target with an entry of its own, exact or by its base (ann+lists@
+        with an entry ann@), is that entry's mailbox, already counted: so
+        ann+lists@ lands in ann's Maildir whether it came by an alias or not.
+        """
+        if split_local(target)[1] not in self.local_domains:
+            return False
+        found = self.lookup(target, entries)
+        return found is None or found[0].startswith("@")
 
     # -- lookups --------------------------------------------------------------
 

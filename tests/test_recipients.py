@@ -295,6 +295,33 @@ def test_netsmtp_send_delivers_table_mailboxes_and_subaddresses(tmp_path):
     assert b"Delivered-To: ann+x@example.com" in (root / "ann" / "new" / name).read_bytes()
 
 
+def test_an_alias_target_with_an_extension_lands_in_its_base_mailbox(tmp_path):
+    """lists@ -> ann+lists@ delivers into ann's Maildir, as ann+lists@ itself does.
+
+    A target with an entry of its own (here ann@ by its base) is that entry's
+    mailbox; only a target no entry matches is a mailbox of its own name.
+    """
+    from smarthost import run_cli
+
+    from netsmtp.queue_cli import send_main
+    (tmp_path / "recipients").write_text("ann@example.com\nlists@example.com ann+lists@example.com\n")
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    converse = Conversation(make_options(tmp_path, local_domains=",".join(DOMAINS),
+                                         recipients=str(tmp_path / "recipients"),
+                                         recipient_delimiter="+",
+                                         maildir_root=str(tmp_path / "mail")), spool)
+    assert converse.codes(rcpt("lists@example.com", data=True))[3:-1] == [250, 354, 250]
+    root = tmp_path / "mail"
+    code = run_cli(send_main, [spool.path, "--recipients", tmp_path / "recipients",
+                               "--recipient-delimiter", "+", "--maildir-root", root,
+                               "--local-domains", ",".join(DOMAINS), "--hostname", "mx.test"])
+    assert code == 0
+    assert os.listdir(root) == ["ann"]
+    [name] = os.listdir(root / "ann" / "new")
+    assert b"Delivered-To: ann+lists@example.com" in (root / "ann" / "new" / name).read_bytes()
+
+
 def test_netsmtp_send_refuses_a_bad_table_with_exit_2(tmp_path, capsys):
     """A table that does not load stops netsmtp-send before any delivery."""
     from smarthost import run_cli
