@@ -329,8 +329,8 @@ def test_dovecot_without_dsn_gets_no_parameters_and_a_delivered_report(spool, do
 
 
 def test_dovecot_takes_a_large_message_in_bdat_chunks(spool, dovecot):
-    """Dovecot offers CHUNKING: a 2.5 MB message goes in three BDAT chunks, and BDAT
-    LAST gets one reply per recipient; both mailboxes hold the whole message."""
+    """Dovecot offers CHUNKING: a 2.5 MB message goes in BDAT chunks of 1 MiB, and
+    BDAT LAST gets one reply per recipient; both mailboxes hold the whole message."""
     body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 2500
     put(spool, recipients=["u1@local.test", "u2@local.test"], body=body)
     assert send(spool, "--lmtp-host", "unix:" + dovecot.socket) == 0

@@ -263,13 +263,13 @@ def test_private_postfix_delivers_through_its_lmtp_transport(tmp_path):
 
 def test_netsmtp_send_lmtp_route_into_netsmtp_lmtp(unix_server, tmp_path):
     """netsmtp's own pair: netsmtp-send's lmtp route into netsmtp --lmtp on a Unix
-    socket; one recipient refused at RCPT (not local there) is bounced, the others
-    are accepted with one reply each."""
+    socket, in BDAT chunks (CHUNKING is offered); one recipient refused at RCPT
+    (not local there) is bounced, the others are accepted with one reply each."""
     from smarthost import put, run_cli
     from test_send import bounces
 
     from netsmtp.queue_cli import send_main
-    server = unix_server("--lmtp")
+    server = unix_server("--lmtp", "--log-level", "debug")
     outgoing = Spool(str(tmp_path / "outgoing"))
     outgoing.prepare()
     put(outgoing, recipients=["u1@local.test", "u2@local.test", "x@elsewhere.test"])
@@ -279,3 +279,6 @@ def test_netsmtp_send_lmtp_route_into_netsmtp_lmtp(unix_server, tmp_path):
     assert envelope.recipients == ["u1@local.test", "u2@local.test"]
     [(_, report)] = bounces(outgoing)
     assert "550 5.1.1" in report.as_string()
+    # netsmtp --lmtp offers CHUNKING, so the message went as BDAT, not DATA.
+    wait_for(lambda: ": BDAT" in server.output(), what="BDAT in the server's log")
+    assert ": DATA" not in server.output()
