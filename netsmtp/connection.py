@@ -109,6 +109,7 @@ class Connection:
             log.warning("%s: invalid PROXY header, closed: %s", tag, printable(exc))
             if not options.tls_on_connect:
                 self.send_now(format_reply("421 4.3.0", options.hostname))
+            self.transport.drain()  # so the close is a FIN that lets the 421 be read
             return False
         header.via = via
         self.proxy = header
