@@ -28,7 +28,7 @@ METRICS = {
 
 def is_held(envelope):
     """True when the entry is held by the queue control (netsmtp-queue --hold)."""
-    return bool(getattr(envelope, "held", False))
+    return envelope.held
 
 
 def collect(spool, envelopes, now=None):

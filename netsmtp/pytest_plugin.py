@@ -32,16 +32,38 @@ TEST_DEFAULTS = {"listen": "127.0.0.1:0", "hostname": "localhost", "error_delay"
 
 
 class TestSession(Session):
-    """A session that refuses the recipients it was told to, and reports each message."""
+    """A session that refuses the recipients it was told to."""
 
     def check_rcpt_to(self, address, params):
         if address.lower() in self.server.refused:
             raise SMTPError("550 5.1.1", address)
         return super().check_rcpt_to(address, params)
 
-    def receive(self, envelope, writer):
-        super().receive(envelope, writer)  # raises unless the message was spooled
-        self.server.arrived()
+
+class TellingSpool(Spool):
+    """A spool that calls arrived() after each commit, to wake wait_for()."""
+
+    def __init__(self, path, arrived):
+        super().__init__(path)
+        self.arrived = arrived
+
+    def create(self, envelope):
+        return TellingWriter(super().create(envelope), self.arrived)
+
+
+class TellingWriter:
+    def __init__(self, writer, arrived):
+        self.writer, self.arrived = writer, arrived
+
+    def write(self, data):
+        self.writer.write(data)
+
+    def commit(self):
+        self.writer.commit()
+        self.arrived()
+
+    def close(self):
+        self.writer.close()
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -80,7 +102,7 @@ class SMTPTestServer:
         values = {**TEST_DEFAULTS, "spool": os.fspath(spool_path), **options}
         self.options = Options(**values)
         self.refused = {address.lower() for address in refuse_recipients}
-        self.spool = Spool(self.options.spool)
+        self.spool = TellingSpool(self.options.spool, self.arrived)
         self.spool.prepare()
         self._arrival = threading.Condition()
         self._server = _ThreadingServer(self.options.listen, _Handler)
@@ -119,8 +141,7 @@ class SMTPTestServer:
                 if left <= 0:
                     raise TimeoutError("%d message(s) arrived at %s:%d in %ss, not %d" % (
                         len(messages), self.host, self.port, timeout, count))
-                # Woken by each arrival; the spool is read again anyway.
-                self._arrival.wait(min(left, 0.5))
+                self._arrival.wait(left)  # woken by each commit
 
     def clear(self):
         """Forget the messages received so far."""
