@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Delivery": "delivery",
     "Envelope": "envelope",
+    "LMTPSession": "lmtp_session",
     "Options": "options",
     "Policy": "policy",
     "QueueRunner": "runner",
