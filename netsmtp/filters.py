@@ -32,11 +32,6 @@ CONNECT_REPLIES = {b"r": FilterReply(554, "5.7.1", "Command rejected"),
                    b"t": FilterReply(421, "4.7.1", "Service unavailable - try again later")}
 
 
-def wanted(options):
-    """True when the options name any filter, so a session needs a Filters."""
-    return bool(options.policy_services or options.milters)
-
-
 class Transaction:
     """What the filters decided about one message so far."""
 
@@ -77,12 +72,15 @@ class Filters:
         self.milters = [Milter(address, options.milter_timeout, options.milter_default_action)
                         for address in options.milters]
         self.transaction = None
+        self.mail_discard = None  # a discard at MAIL, before the envelope exists
 
     def current(self):
         """The Transaction of the session's envelope, new for each MAIL."""
         envelope = self.session.envelope
         if self.transaction is None or self.transaction.envelope is not envelope:
             self.transaction = Transaction(envelope)
+            if envelope is not None:
+                self.transaction.discard, self.mail_discard = self.mail_discard, None
         return self.transaction
 
     # -- the stages ----------------------------------------------------------
@@ -106,6 +104,7 @@ class Filters:
     def mail(self, sender, params):
         """Milters' MAIL stage, before the envelope exists; raises the refusal."""
         args = esmtp_args(params)
+        self.mail_discard = None
         try:
             for milter in self.milters:
                 self.milter_result(milter, milter.mail(sender, args, self.macro_values(
@@ -213,7 +212,11 @@ class Filters:
         if result.kind in (CONTINUE, ACCEPT, SKIPBODY):
             return
         if result.kind == DISCARD:  # never at connect or HELO (netsmtp.milter refuses it)
-            self.current().discard = "discarded by milter %s" % milter.name
+            reason = "discarded by milter %s" % milter.name
+            if stage == "mail":
+                self.mail_discard = reason  # the envelope is made after the milters' MAIL
+            else:
+                self.current().discard = reason
             return
         reply = result.reply
         if stage == "connect" and reply in (REJECTED, TEMPFAILED):
@@ -272,8 +275,7 @@ class Filters:
             "client_name": "unknown",  # netsmtp does not look names up
             "reverse_client_name": "unknown",
             "instance": self.current().instance,
-            "sasl_method": getattr(session, "auth_mechanism", None) or ""
-            if session.auth_user else "",
+            "sasl_method": session.auth_mechanism or "" if session.auth_user else "",
             "sasl_username": session.auth_user or "",
             "sasl_sender": "",
             "size": envelope.params.get("SIZE", 0) if envelope is not None else 0,

@@ -356,10 +356,8 @@ class Milter:
                 self.done_session = True
             else:
                 self.done_message = True
-        elif result.kind != CONTINUE and result.kind != SKIPBODY and stage == "rcpt":
-            pass  # a refused recipient: the transaction goes on
-        elif result.kind != CONTINUE and result.kind != SKIPBODY:
-            self.done_message = True
+        elif result.kind == DISCARD or result.kind in (REJECT, TEMPFAIL) and stage != "rcpt":
+            self.done_message = True  # a refused recipient alone lets the transaction go on
         return result
 
     def connect(self, hostname, peer, values):

@@ -166,11 +166,13 @@ def test_envelope_changes(pymilter, tmp_path, spool):
     assert envelope.recipients == ["kept@example.test", "added@example.test"]
 
 
-def test_discard_answers_250_and_keeps_nothing(pymilter, tmp_path, spool):
+@pytest.mark.parametrize("sender", ["discard@example.test", "discard-mail@example.test"])
+def test_discard_answers_250_and_keeps_nothing(pymilter, tmp_path, spool, sender):
+    """A discard at end of message, or already at MAIL: 250, and nothing kept."""
     address, _ = pymilter
     converse = converse_with(tmp_path, spool, milters=address)
-    replies = converse(message("discard@example.test", "u@example.test"))
-    assert replies[-2][0] == 250
+    replies = converse(message(sender, "u@example.test"))
+    assert [code for code, _ in replies[2:-1]] == [250, 250, 354, 250]
     assert spooled(spool) == []
 
 

@@ -43,6 +43,8 @@ class Peer(Milter.Base):
         record("mail", self, sender=sender, args=list(args))
         if self.sender.startswith("tempfail-mail@"):
             return Milter.TEMPFAIL
+        if self.sender.startswith("discard-mail@"):
+            return Milter.DISCARD
         return Milter.CONTINUE
 
     def envrcpt(self, recipient, *args):
