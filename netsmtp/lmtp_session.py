@@ -77,7 +77,8 @@ class LMTPSession(Session):
             super().end_message(sink, size, problem)
         except SMTPError as refusal:
             for _ in range(count - 1):
-                self.reply(refusal.key, *refusal.args_)
+                self.reply(refusal.key, *refusal.args_, lines=refusal.lines,
+                           replies=refusal.replies)  # a filter's reply brings its own table
             raise
         except (EOFError, TimeoutError, ConnectionError, ShuttingDown):
             raise

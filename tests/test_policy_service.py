@@ -359,3 +359,22 @@ def test_toml_lists_and_bad_addresses(tmp_path):
         with pytest.raises(SystemExit) as exit_:
             main([flag, "nowhere", "--spool", str(tmp_path / "spool")])
         assert exit_.value.code == 2
+
+
+def test_lmtp_gets_a_filter_refusal_once_per_recipient(tmp_path, spool):
+    """LMTP (RFC 2033 section 4.2): a policy refusal at the end of the message is one
+    reply per successful RCPT, each the service's own."""
+    from netsmtp.lmtp_session import LMTPSession
+    service = ScriptedService([b"action=DUNNO\n\n", b"action=DUNNO\n\n",
+                               b"action=550 5.7.1 not for you\n\n"])
+    try:
+        converse = Conversation(make_options(tmp_path, policy_services=service.address,
+                                             policy_end_of_message=True),
+                                spool, session_class=LMTPSession, peer="127.0.0.1")
+        replies = converse([b"LHLO client.test", b"MAIL FROM:<a@example.test>",
+                            b"RCPT TO:<u@example.test>", b"RCPT TO:<v@example.test>", b"DATA",
+                            b"Subject: x\r\n\r\nx\r\n.", b"QUIT"])
+    finally:
+        service.close()
+    assert [lines for _, lines in replies[-3:-1]] == [["550 5.7.1 not for you"]] * 2
+    assert spooled(spool) == []
