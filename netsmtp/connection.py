@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # Where --stdin finds the client address when fd 0 is no TCP socket, in this
 # order: tcpserver, xinetd and stunnel, socat.
 ADDRESS_VARIABLES = ("TCPREMOTEIP", "REMOTE_HOST", "SOCAT_PEERADDR")
+REFUSAL_HANDSHAKE = 0.5  # seconds an implicit-TLS client gets to take its 421
 
 
 class Connection:
@@ -143,6 +144,30 @@ def peer_of(client_address):
     return None
 
 
+def refuse(connection, options, data):
+    """Send a refusal before any session; with implicit TLS, inside a quick handshake.
+
+    The client of an implicit-TLS port (RFC 8314) expects a handshake
+    first; it gets one, bounded by REFUSAL_HANDSHAKE seconds, so the 421
+    still arrives within a second.
+    """
+    if not options.tls_on_connect:
+        connection.send_now(data)
+        return
+    transport = connection.transport
+    if not getattr(transport, "can_tls", False):
+        return
+    try:
+        from .tls import server_context
+        transport.tls_timeout = min(transport.tls_timeout, REFUSAL_HANDSHAKE)
+        _, wfile, _ = transport.start_tls(server_context(options.tls_cert, options.tls_key))
+        wfile.write(data)
+        wfile.flush()
+    except Exception as exc:  # ssl.SSLError, OSError, TLSConfigError: the client is gone
+        log.debug("%s: refusal not delivered: %s", printable(connection.peer or "local"),
+                  printable(exc))
+
+
 def address_from(environ):
     """(address, variable) from the first ADDRESS_VARIABLES holding an IP address."""
     for name in ADDRESS_VARIABLES:
@@ -175,8 +200,7 @@ def serve(connection, options, spool, session_class, admission=(), stop_requeste
         for gate in admission:
             reason = gate.admit(peer)
             if reason is not None:
-                if not options.tls_on_connect:  # the client expects a handshake
-                    connection.send_now(refusal(options, reason))
+                refuse(connection, options, refusal(options, reason))
                 return None
             admitted.append(gate)
         # proxy= only when there is one, so subclasses of older signatures still work.
@@ -191,8 +215,8 @@ def serve(connection, options, spool, session_class, admission=(), stop_requeste
         return session
     except Exception:
         log.exception("%s: internal error serving the connection", printable(peer or "local"))
-        if session is None and not options.tls_on_connect:
-            connection.send_now(format_reply("421 4.3.0", options.hostname))
+        if session is None:
+            refuse(connection, options, format_reply("421 4.3.0", options.hostname))
         return session
     finally:
         for gate in reversed(admitted):

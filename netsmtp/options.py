@@ -306,7 +306,8 @@ SPEC = {opt.name: opt for opt in (
     Option("auth_plaintext", False, parse_bool, "offer AUTH without TLS too"),
     Option("require_auth", False, parse_bool, "refuse MAIL before AUTH (530 5.7.0)"),
     Option("auth_fail_delay", 1.0, parse_delay,
-           "seconds added to each failed AUTH per recent failure of the client"),
+           "seconds every AUTH answer waits per failure of the client or user in the "
+           "last hour, at most 30 (0: off)"),
     # Defences: admission before the session, then limits within it.
     Option("conn_rate_limit", None, parse_rate,
            "most new sessions per client address, N/SECONDS (default: off)"),

@@ -108,3 +108,26 @@ def test_plain_stdin_session_touches_no_shared_file(tmp_path):
     subprocess.run(command + ["--max-sessions-per-client", "1"], input=b"QUIT\r\n",
                    capture_output=True, cwd=ROOT, env=env, timeout=30, check=True)
     assert (spool / "locks" / "limits.json").exists()
+
+
+def test_over_the_cap_with_implicit_tls(server_factory, tls_files):
+    """--tls-on-connect --max-sessions 1: the second client is refused inside TLS, as
+    an implicit-TLS client expects (RFC 8314): a handshake, then 421 4.7.0."""
+    import ssl
+
+    from conftest import client_context
+    ca, cert, key = tls_files
+    server = server_factory("--tls-cert", cert, "--tls-key", key, "--tls-on-connect",
+                            "--max-sessions", "1", "--workers", "0")
+    context = client_context(ca)
+    first = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port),
+                                                         timeout=10), server_hostname="mx.test")
+    assert first.recv(4096).startswith(b"220 ")
+    second = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    second = context.wrap_socket(second, server_hostname="mx.test")
+    assert second.recv(4096) == b"421 4.7.0 mx.test too many sessions, closing connection\r\n"
+    for sock in (first, second):
+        try:
+            sock.close()
+        except ssl.SSLError:
+            pass
