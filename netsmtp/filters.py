@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 
+from . import __version__
 from .address import AddressError, domain_of, parse_path
 from .milter import (ACCEPT, BODY_CHUNK, CONTINUE, DISCARD, HDR_LEADSPC, REJECTED, SKIPBODY,
                      TEMPFAILED, Milter, MilterError, describe)
@@ -187,7 +188,8 @@ class Filters:
             sender, params = envelope.sender, envelope.params
         params = params or {}
         values = {
-            "j": session.options.hostname, "{daemon_name}": "netsmtp", "v": "netsmtp",
+            "j": session.options.hostname, "{daemon_name}": "netsmtp",
+            "v": "netsmtp " + __version__,
             "_": "%s [%s]" % ("unknown", session.peer) if session.peer else "localhost",
             "{client_addr}": session.peer, "{client_name}": "unknown" if session.peer else None,
             "{tls_version}": tls.get("version"), "{cipher}": tls.get("cipher"),
