@@ -115,3 +115,24 @@ def test_sink_is_refused_with_stdin(capsys):
         main(["--sink", "--stdin"])
     assert exit_.value.code == 2
     assert "--sink" in capsys.readouterr().err
+
+
+def test_concurrent_messages_never_interleave_on_stdout(sink_factory):
+    """Sessions are processes sharing stdout: each message is printed whole, however large."""
+    sink = sink_factory("--sink")
+    bodies = {name: (b"Subject: %s\r\n\r\n" % name) + (name * 70 + b"\r\n") * 3000
+              for name in (b"a", b"b", b"c", b"d")}
+
+    def send_one(name):
+        with smtplib.SMTP("127.0.0.1", sink.port) as client:
+            client.sendmail("x@example.test", ["y@example.test"], bodies[name])
+    threads = [threading.Thread(target=send_one, args=(name,)) for name in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    wait_for(lambda: sink.out.count(b"END MESSAGE") == 4, what="four messages")
+    assert sink.stop() == 0
+    blocks = bytes(sink.out).split(b"------------ END MESSAGE ------------\n")[:-1]
+    printed = sorted(block.split(b"\n", 1)[1] for block in blocks)
+    assert printed == sorted(bodies.values())
