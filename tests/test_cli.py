@@ -281,3 +281,25 @@ def test_policy_default_action_is_one_netsmtp_takes():
     from netsmtp.policy_service import parse_action
     assert SPEC["policy_default_action"].default == POLICY_DEFAULT_ACTION
     parse_action(POLICY_DEFAULT_ACTION)
+
+
+def test_syslog_lines_are_what_syslog_expects(tmp_path):
+    """--syslog: one datagram per record, <priority> of facility mail, then netsmtp[pid]:."""
+    import logging
+    import os
+    import socket
+
+    from netsmtp import cli
+    address = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(address)
+        handler = cli.syslog_handler(address)
+        record = logging.LogRecord("netsmtp.session", logging.WARNING, __file__, 1,
+                                   "%s: refused", ("c.test",), None)
+        handler.handle(record)
+        handler.handle(logging.LogRecord("netsmtp", logging.INFO, __file__, 1, "queued", (), None))
+        handler.close()
+        first, second = syslog.recv(4096), syslog.recv(4096)
+    assert first == b"<20>netsmtp[%d]: c.test: refused\0" % os.getpid()
+    assert second == b"<22>netsmtp[%d]: queued\0" % os.getpid()
+    assert cli.syslog_handler(str(tmp_path / "none")) is None
