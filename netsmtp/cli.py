@@ -1,10 +1,12 @@
 """Command-line front ends: parse options, set up logging, run, return an exit code.
 
-`netsmtp --stdin` starts once per connection under inetd, so its flags are
-read by quick_flags(), a few lines built from the same table as the
-argparse parser (netsmtp.options.SPEC); anything it does not take for
-certain (--help, an abbreviation, a bad value's message) goes to argparse,
-which is imported only then.
+`netsmtp --stdin` starts once per connection under inetd, so the daemon's
+flags are read by quick_flags(), a few lines built from the same table as
+the argparse parser (netsmtp.options.SPEC); anything it does not take for
+certain (--help, an abbreviation, a value that looks like a flag) goes to
+argparse, which is imported only then.  The daemon's other modes read them
+the same way: argparse would otherwise stay in the memory of every prefork
+worker.
 """
 
 import logging
@@ -45,14 +47,14 @@ class QuickParser:
 
 
 def quick_flags(argv, names):
-    """The flags of a --stdin start as a namespace, or None to leave them to argparse.
+    """The flags of a plain start as a namespace, or None to leave them to argparse.
 
     Takes exactly what the argparse parser of add_options(names) takes in
     the common forms: "--flag VALUE", "--flag=VALUE", "--bool" and
     "--no-bool", repeatable flags, "--config FILE".  Anything else (an
-    unknown or abbreviated flag, a value that looks like a flag, no
-    --stdin) returns None, and argparse parses argv as always, errors and
-    all.
+    unknown or abbreviated flag, a value that looks like a flag, a word
+    that is no flag) returns None, and argparse parses argv as always,
+    errors and all.
     """
     import types
     flags = {"--config": None}
@@ -83,8 +85,6 @@ def quick_flags(argv, names):
             values.setdefault(opt.name, []).append(value)
         else:
             values[opt.name] = value
-    if values.get("stdin") is not True:
-        return None
     return types.SimpleNamespace(**values)
 
 

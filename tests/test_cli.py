@@ -230,7 +230,6 @@ def test_quick_flags_read_what_argparse_reads():
 
 
 @pytest.mark.parametrize("argv", [
-    ["--spool", "s"],                       # no --stdin: the daemon's start is argparse's
     ["--stdin", "--spo", "s"],               # an abbreviation argparse would take
     ["--stdin", "--help"],
     ["--stdin", "--version"],
