@@ -310,8 +310,14 @@ class Session(Policy):
                 time.sleep(remaining)
                 return
             if self.transport.readable(remaining):
-                self.transport.read_timeout(self.options.timeout)
+                self.limit_read(self.options.timeout)
                 self.reader.fill(wait=False)  # EOFError when the client has closed
+
+    def limit_read(self, seconds):
+        """Bound the next read (a transport of one's own may not offer it)."""
+        limit = getattr(self.transport, "read_timeout", None)
+        if limit is not None:
+            limit(seconds)
 
     def before_read(self):
         """Flush the replies before waiting for input, within the deadlines.
@@ -323,8 +329,7 @@ class Session(Policy):
         message already spooled, and the client would send it again.
         """
         idle, self.idle = self.idle, False
-        if self.transport is not None:
-            self.transport.read_timeout(self.options.timeout)  # writes get the full time
+        self.limit_read(self.options.timeout)  # writes get the full time
         try:
             self.flush()
         finally:
@@ -336,12 +341,10 @@ class Session(Policy):
             raise TimeoutError("session lasted over %ss" % self.options.session_timeout)
         if self.command_deadline is not None and now > self.command_deadline:
             raise TimeoutError("line took over %ss" % self.options.timeout)
-        if self.transport is not None:
-            # The read itself ends at the nearest deadline, not a whole
-            # idle timeout after it.
-            deadlines = [d for d in (self.session_deadline, self.command_deadline) if d]
-            self.transport.read_timeout(max(0.001, min(
-                [self.options.timeout] + [d - now for d in deadlines])))
+        # The read itself ends at the nearest deadline, not a whole idle
+        # timeout after it.
+        deadlines = [d for d in (self.session_deadline, self.command_deadline) if d]
+        self.limit_read(max(0.001, min([self.options.timeout] + [d - now for d in deadlines])))
 
     def reply(self, key, *args, lines=(), replies=None):
         """Queue a reply; it is written when the session next waits for input.
