@@ -378,3 +378,33 @@ def test_lmtp_gets_a_filter_refusal_once_per_recipient(tmp_path, spool):
         service.close()
     assert [lines for _, lines in replies[-3:-1]] == [["550 5.7.1 not for you"]] * 2
     assert spooled(spool) == []
+
+
+def test_the_request_matches_postfix(tmp_path, spool):
+    """Differential: a private Postfix asks a capture service about the same RCPT; every
+    attribute netsmtp sends is one Postfix sends, and the facts of the session agree."""
+    from postfix import PrivatePostfix
+    service = ScriptedService([])
+    postfix = None
+    try:
+        postfix = PrivatePostfix(listen=True, extra=(
+            "smtpd_recipient_restrictions = check_policy_service inet:%s, "
+            "permit_mynetworks, reject_unauth_destination" % service.address))
+        with smtplib.SMTP("127.0.0.1", postfix.port) as client:
+            client.ehlo("client.test")
+            client.mail("a@example.test")
+            assert client.rcpt("u@example.test")[0] == 250
+        wait_for(lambda: service.queries, what="Postfix's policy query")
+        converse_with(tmp_path, spool, policy_services=service.address)(
+            HELLO + [b"RCPT TO:<u@example.test>", b"QUIT"])
+        wait_for(lambda: len(service.queries) == 2, what="netsmtp's policy query")
+    finally:
+        if postfix is not None:
+            postfix.stop()
+        service.close()
+    theirs, ours = service.queries
+    assert set(ours) <= set(theirs), set(ours) - set(theirs)
+    for name in ("request", "protocol_state", "protocol_name", "helo_name", "sender",
+                 "recipient", "recipient_count", "client_address", "sasl_username",
+                 "encryption_protocol"):
+        assert ours[name] == theirs[name], name
