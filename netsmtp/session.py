@@ -244,7 +244,7 @@ class Session(Policy):
                     # RFC 3030 section 2: read and drop its octets, so the
                     # next command is read as a command.
                     size, _ = self.chunk_size(arg.decode("ascii", "replace").strip(" "))
-                    self.reader.read_exact(size, lambda piece: None)
+                    self.read_chunk(size, lambda piece: None)
                 raise SMTPError("503 5.5.1")
             try:
                 arg = arg.decode("utf-8").strip(" ") or None
@@ -800,7 +800,7 @@ class Session(Policy):
                 try:
                     sink = self.start_message()
                 except SMTPError:
-                    self.reader.read_exact(size, lambda piece: None)
+                    self.read_chunk(size, lambda piece: None)
                     framed = True
                     raise
                 self.chunks = sink, ChunkedText(sink.write, self.options.max_size)

@@ -290,3 +290,23 @@ def test_a_spool_directly_under_a_folder_named_tmp_is_still_a_spool():
         assert resolve([os.path.join(path, "tmp", queue_id + ".msg")])[0] == []
     finally:
         shutil.rmtree(path)
+
+
+def test_older_entries_and_states_read_without_dsn_held_or_reports(spool, capsys):
+    """Schema 1 and 2 entries have no dsn/expanded, their states no reports/held/remote_mta:
+    they thaw as "no DSN request, not held, nothing reported"."""
+    from netsmtp.queue_cli import queue_main
+    queue_id = "0660d0000000000000000003"
+    with open(spool.entry_path(queue_id), "wb") as f:
+        f.write(SCHEMA_1_ENTRY)
+    with open(spool.state_path(queue_id), "wb") as f:
+        f.write(b'{"version": 2, "id": "%s", "attempts": 1, "next_attempt": 1700000300, '
+                b'"last_attempt": 1700000000, "last_error": "451 4.7.1 later", "recipients": '
+                b'[{"address": "u@x.test", "status": "deferred", "error": "451 4.7.1 later"}]}\n'
+                % queue_id.encode())
+    envelope = Envelope.thaw(spool.entry_path(queue_id))
+    record = envelope.status["u@x.test"]
+    assert (record.notify, record.orcpt, record.reports, record.remote) == (None, None, set(), None)
+    assert record.status is Status.DEFERRED and not envelope.held and envelope.dsn == {}
+    assert run_cli(queue_main, ["--spool", spool.path, "--hold", queue_id]) == 0
+    assert Envelope.thaw(spool.entry_path(queue_id)).held
