@@ -455,3 +455,21 @@ def test_pymilter_on_a_unix_socket(tmp_path, spool):
         proc.kill()
         proc.wait(10)
     assert replies[3][1] == ["550 5.7.1 Command rejected"]
+
+
+def test_auth_macros_and_attributes(pymilter, tmp_path, spool):
+    """After AUTH, milters get {auth_type} and {auth_authen} at MAIL."""
+    import base64
+
+    from netsmtp.auth import hash_password
+    address, events = pymilter
+    users = tmp_path / "users"
+    users.write_text("ann:%s\n" % hash_password("secret"))
+    converse = converse_with(tmp_path, spool, milters=address, auth_file=str(users),
+                             auth_plaintext=True)
+    plain = base64.b64encode(b"\0ann\0secret")
+    assert converse([b"EHLO client.test", b"AUTH PLAIN " + plain,
+                     *message("plain@example.test", "u@example.test")[1:]])[2][0] == 235
+    mail = wait_for(lambda: [e for e in events() if e["event"] == "mail"], what="mail")[0]
+    assert mail["macros"]["{auth_type}"] == "PLAIN"
+    assert mail["macros"]["{auth_authen}"] == "ann"

@@ -408,3 +408,22 @@ def test_the_request_matches_postfix(tmp_path, spool):
                  "recipient", "recipient_count", "client_address", "sasl_username",
                  "encryption_protocol"):
         assert ours[name] == theirs[name], name
+
+
+def test_sasl_attributes_after_auth(tmp_path, spool):
+    """sasl_method and sasl_username name the AUTH mechanism and user."""
+    import base64
+
+    from netsmtp.auth import hash_password
+    users = tmp_path / "users"
+    users.write_text("ann:%s\n" % hash_password("secret"))
+    service = ScriptedService([])
+    try:
+        converse = converse_with(tmp_path, spool, policy_services=service.address,
+                                 auth_file=str(users), auth_plaintext=True)
+        converse([b"EHLO client.test", b"AUTH PLAIN " + base64.b64encode(b"\0ann\0secret"),
+                  *message_to("u@example.test")[1:]])
+    finally:
+        service.close()
+    assert service.queries[0]["sasl_method"] == "PLAIN"
+    assert service.queries[0]["sasl_username"] == "ann"
