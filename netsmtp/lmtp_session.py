@@ -34,6 +34,7 @@ class LMTPSession(Session):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.successful_rcpts = 0  # of the transaction, duplicates included
+        self.whole_bdat = False  # the command is a BDAT LAST that is the whole message
 
     @property
     def protocol(self):
@@ -63,6 +64,25 @@ class LMTPSession(Session):
     def smtp_RCPT(self, arg):
         super().smtp_RCPT(arg)  # raises for a refused recipient
         self.successful_rcpts += 1
+
+    def smtp_BDAT(self, arg):
+        self.whole_bdat = self.chunks is None and self.chunk_size(arg)[1]
+        try:
+            super().smtp_BDAT(arg)
+        finally:
+            self.whole_bdat = False
+
+    def start_message(self):
+        """A BDAT LAST whose message cannot even begin (the spool is full) stands
+        for the final dot: its refusal is said once per successful RCPT too."""
+        count = self.successful_rcpts  # the refusal resets the transaction
+        try:
+            return super().start_message()
+        except SMTPError as refusal:
+            if self.whole_bdat:
+                for _ in range(count - 1):
+                    self.reply(refusal.key, *refusal.args_)
+            raise
 
     def end_message(self, sink, size, problem):
         """Section 4.2: one reply per successful RCPT, all the same here.

@@ -3,6 +3,7 @@
 Rows L1..L8 are the wire tests of the research (round2-features.md 3.1).
 """
 
+import errno
 import os
 import socket
 import stat
@@ -82,6 +83,29 @@ def test_bdat_last_gets_one_reply_per_recipient(lmtp):
     assert [code for code, _ in replies] == [220, 250, 250, 250, 250, 250, 250, 250, 221]
     [(envelope, message)] = entries_of(lmtp.spool)
     assert message.endswith(b"Subject: x\r\n\r\nHi\r\n")
+
+
+class FullSpool(Spool):
+    """A spool on a full disk: no entry can be started."""
+
+    def create(self, envelope):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_bdat_last_refused_before_the_message_is_refused_once_per_recipient(tmp_path):
+    """A message in one BDAT LAST chunk that cannot be spooled at all still gets one
+    reply per successful RCPT, or the client waits for replies that never come."""
+    options = make_options(tmp_path, local_domains="local.test")
+    spool = FullSpool(options.spool)
+    spool.prepare()
+    lmtp = Conversation(options, spool, session_class=LMTPSession, peer="127.0.0.1")
+    replies = lmtp(MAIL + [b"RCPT TO:<u1@local.test>", b"RCPT TO:<u2@local.test>",
+                           b"BDAT 6 LAST\r\n\r\nHi\r\n", b"NOOP", b"QUIT"])
+    assert [code for code, _ in replies] == [220, 250, 250, 250, 250, 452, 452, 250, 221]
+    # A DATA that cannot start is one reply to DATA itself (no 354, no message yet).
+    replies = lmtp(MAIL + [b"RCPT TO:<u1@local.test>", b"RCPT TO:<u2@local.test>",
+                           b"DATA", b"NOOP", b"QUIT"])
+    assert [code for code, _ in replies] == [220, 250, 250, 250, 250, 452, 250, 221]
 
 
 def test_lmtp_on_port_25_is_refused_at_start(tmp_path):
