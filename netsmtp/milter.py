@@ -67,9 +67,10 @@ STAGES = {
     "eom": (b"E", 0, 0, 5, ("i",)),
 }
 
-# Replies that end a stage, as Postfix words them (milter8.c).
-CONTINUE, ACCEPT, REJECT, TEMPFAIL, DISCARD, REPLYCODE, SKIPBODY, PROGRESS, QUARANTINE_R = (
-    b"c", b"a", b"r", b"t", b"d", b"y", b"s", b"p", b"q")
+# The replies to a stage (SMFIR_*); progress only resets the timer.  The
+# refusals are worded as Postfix words them (milter8.c).
+CONTINUE, ACCEPT, REJECT, TEMPFAIL, DISCARD, REPLYCODE, SKIPBODY, PROGRESS = (
+    b"c", b"a", b"r", b"t", b"d", b"y", b"s", b"p")
 REJECTED = FilterReply(550, "5.7.1", "Command rejected")
 TEMPFAILED = FilterReply(451, "4.7.1", "Service unavailable - try again later")
 # The modifications allowed at end of message, and the action each needs.
