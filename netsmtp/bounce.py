@@ -110,7 +110,11 @@ def status_fields(envelope, action, records, hostname, now, retry_until=None):
     per_message = [("Reporting-MTA", "dns; %s" % hostname)]
     envid = envelope.params.get("ENVID")
     if envid is not None:
-        per_message.append(("Original-Envelope-Id", dsn.decode_xtext(envid)))
+        try:
+            envid = dsn.decode_xtext(envid)
+        except dsn.DSNError:
+            pass  # a session checks it; a hand-made one is escaped by field()
+        per_message.append(("Original-Envelope-Id", envid))
     per_message.append(("X-Netsmtp-Queue-ID", envelope.id))
     if envelope.arrival:
         per_message.append(("Arrival-Date", formatdate(envelope.arrival, localtime=True)))

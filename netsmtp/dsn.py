@@ -111,7 +111,10 @@ def orcpt_field(value):
     """The Original-Recipient of a report (RFC 3464 section 2.3.1): "type;address", decoded."""
     kind, _, address = value.partition(";")
     if _XTEXT.fullmatch(address):
-        address = decode_xtext(address)
+        try:
+            address = decode_xtext(address)
+        except DSNError:
+            pass  # not from a session (they are checked): the text as it stands
     if kind.lower() == "utf-8":
         try:
             address = decode_utf8_address(address)

@@ -302,3 +302,24 @@ def test_report_builder_never_lets_a_reply_inject_a_field(spool):
     record.reply = Result(550, "5.1.1 x\r\nX-Evil: 1")
     data = bounce.build_report(envelope, "failed", [record], "mx.test")
     assert b"\r\nX-Evil" not in data
+
+
+def test_a_hand_made_entry_cannot_put_a_line_break_in_a_report(spool):
+    """ENVID and ORCPT are checked in the session; one written by hand is escaped, not trusted."""
+    queue_id = put(spool, params={"ENVID": "a+0D+0AX-Evil:+201"},
+                   dsn={"u@x.test": {"orcpt": "rfc822;b+0D+0AX-Evil:+202"}})
+    envelope = Envelope.thaw(spool.entry_path(queue_id))
+    record = envelope.status["u@x.test"]
+    record.reply = Result(550, "5.1.1 gone")
+    data = bounce.build_report(envelope, "failed", [record], "mx.test")
+    assert b"\r\nX-Evil" not in data and b"\nX-Evil" not in data
+
+
+def test_a_500_character_orcpt_comes_back_whole(spool, smarthost):
+    """ORCPT may be 500 characters (RFC 3461 section 5.4); the report's Original-Recipient is it all."""
+    orcpt = "rfc822;" + "o" * 480 + "@x.test"
+    put(spool, dsn={"u@x.test": {"orcpt": orcpt}})
+    smarthost.rcpt_replies["u@x.test"] = "550 5.1.1 no such user"
+    assert send(spool, smarthost) == 0
+    [(_, raw, _)] = reports(spool)
+    assert b"\r\nOriginal-Recipient: " + orcpt.encode() + b"\r\n" in raw
