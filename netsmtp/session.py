@@ -277,6 +277,11 @@ class Session(Policy):
         log.info("%s: refused: %s", self.tag, refusal)
         if refusal.code >= 500:
             self.bad_commands += 1
+            if self.bad_commands > self.options.soft_error_limit:
+                # The tarpit, flat as Postfix's smtpd_error_sleep_time: past the
+                # soft limit each refusal waits error_delay, never more (the
+                # last one, at max_bad_commands, too).
+                self.pause(self.options.error_delay)
             limit = self.options.max_bad_commands
             if limit and self.bad_commands >= limit:
                 log.info("%s: too many errors, closing", self.tag)
@@ -284,10 +289,6 @@ class Session(Policy):
                 self.reply("421 4.7.0", self.options.hostname, "too many errors")
                 self.closing = True
                 return
-            if self.bad_commands > self.options.soft_error_limit:
-                # The tarpit, flat as Postfix's smtpd_error_sleep_time: past the
-                # soft limit each refusal waits error_delay, never more.
-                self.pause(self.options.error_delay)
         self.reply(refusal.key, *refusal.args_, lines=refusal.lines, replies=refusal.replies)
 
     def pause(self, seconds):

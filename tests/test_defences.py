@@ -177,11 +177,11 @@ def test_bad_command_budget_is_an_option(tmp_path):
 
 def test_tarpit_is_flat_after_the_soft_error_limit(tmp_path):
     """The defaults: ten refusals answered at once, then each waits --error-delay (1 s,
-    no growth), and the twentieth is followed by 421 4.7.0 and the end."""
+    no growth), the twentieth too, and it is followed by 421 4.7.0 and the end."""
     codes, session = conversation(tmp_path, [b"FROB"] * 30, session_class=Recorded,
                                   error_delay=1)
     assert codes == [220] + [500] * 20 + [421]
-    assert session.pauses == (1,) * 9
+    assert session.pauses == (1,) * 10
     _, session = conversation(tmp_path, [b"FROB"] * 6, session_class=Recorded,
                               soft_error_limit=2, error_delay=0.5)
     assert session.pauses == (0.5,) * 4
