@@ -9,11 +9,12 @@ defence written here holds in every server mode.
 
 import logging
 import os
+import signal
 import socket
 import stat
 
 from .address import ip_of
-from .limits import refusal
+from .limits import refusal, refuse_connection
 from .replies import format_reply, printable
 from .transport import PipeTransport, SocketTransport
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 # order: tcpserver, xinetd and stunnel, socat.
 ADDRESS_VARIABLES = ("TCPREMOTEIP", "REMOTE_HOST", "SOCAT_PEERADDR")
 REFUSAL_HANDSHAKE = 0.5  # seconds an implicit-TLS client gets to take its 421
+REFUSERS = 16  # implicit-TLS refusals of an accepting process handshaking at once
+REFUSER_LIFETIME = 2  # seconds after which such a refusal's child is gone (SIGALRM)
 
 
 class Connection:
@@ -166,6 +169,67 @@ def refuse(connection, options, data):
     except Exception as exc:  # ssl.SSLError, OSError, TLSConfigError: the client is gone
         log.debug("%s: refusal not delivered: %s", printable(connection.peer or "local"),
                   printable(exc))
+
+
+class Refuser:
+    """The over-cap refusals of an accepting process (prefork master, forking parent).
+
+    That process must never block.  A plain 421 is one non-blocking send;
+    under implicit TLS the client expects a handshake first, so a child of
+    its own does it (refuse(), at most REFUSAL_HANDSHAKE seconds, and gone
+    after REFUSER_LIFETIME whatever happens).  While REFUSERS such children
+    are at work, more connections are closed unanswered: a flood cannot
+    make the process fork without bound.
+    """
+
+    def __init__(self, options, listener):
+        self.options, self.listener = options, listener
+        self.pids = set()
+
+    def refuse(self, sock, reason):
+        """Send sock its 421 4.7.0 for reason (or have a child send it) and close it here."""
+        try:
+            if self.options.tls_on_connect:
+                self.refuse_in_child(sock, reason)
+            else:
+                refuse_connection(sock, self.options, reason)
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def refuse_in_child(self, sock, reason):
+        self.reap()
+        if len(self.pids) >= REFUSERS:
+            log.debug("%d implicit-TLS refusals at work: closed unanswered", len(self.pids))
+            return
+        pid = os.fork()
+        if pid:
+            self.pids.add(pid)
+            return
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGALRM):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.alarm(REFUSER_LIFETIME)
+            self.listener.close()
+            refuse(Connection.from_socket(sock, self.options), self.options,
+                   refusal(self.options, reason))
+            code = 0
+        finally:
+            os._exit(code)
+
+    def reap(self):
+        """Forget the refusals' children that ended (another waitpid() may have taken them)."""
+        for pid in list(self.pids):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.pids.discard(pid)
 
 
 def address_from(environ):

@@ -21,14 +21,13 @@ import logging
 import os
 import select
 import signal
-import socket
 import struct
 import time
 
 from . import recipients
-from .connection import Connection, peer_of, serve
+from .connection import Connection, Refuser, peer_of, serve
 from .listener import open_listener
-from .limits import GRACE, SessionTable, SharedLimits, rates_configured, refuse_connection
+from .limits import GRACE, SessionTable, SharedLimits, rates_configured
 from .server import stop_signals
 from .session import Session
 
@@ -66,6 +65,7 @@ class PreforkServer:
         self.socket = open_listener(options.listen, options.backlog, options.listen_mode)
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()
+        self.refuser = Refuser(options, self.socket)
         # Never more workers than sessions allowed: each serves one at a time.
         self.limit = options.max_sessions or max(1, options.workers)
         self.size = min(max(1, options.workers), self.limit)
@@ -148,12 +148,7 @@ class PreforkServer:
                 request, _ = self.socket.accept()
             except OSError:  # BlockingIOError: a worker took it, or none is left
                 return
-            refuse_connection(request, self.options, "too many sessions")
-            try:
-                request.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            request.close()
+            self.refuser.refuse(request, "too many sessions")
 
     def read_status(self, pending):
         """Apply the workers' busy/idle reports; returns an unread remainder."""

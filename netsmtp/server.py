@@ -8,9 +8,9 @@ import signal
 import socketserver
 
 from . import recipients
-from .connection import Connection, peer_of, serve
+from .connection import Connection, Refuser, peer_of, serve
 from .listener import open_listener
-from .limits import GRACE, SessionTable, SharedLimits, rates_configured, refuse_connection
+from .limits import GRACE, SessionTable, SharedLimits, rates_configured
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class ForkingServer(socketserver.ForkingTCPServer):
         self.socket.close()
         self.socket = open_listener(options.listen, options.backlog, options.listen_mode)
         self.server_address = self.socket.getsockname()
+        self.refuser = Refuser(options, self.socket)
 
     def serve(self):
         """Accept connections until SIGTERM or SIGINT, then wait for the sessions."""
@@ -103,8 +104,7 @@ class ForkingServer(socketserver.ForkingTCPServer):
         """Fork a child for the connection in a free slot, or refuse it with a 421."""
         self.collect_children()
         if not self.free_slots:
-            refuse_connection(request, self.options, "too many sessions")
-            self.shutdown_request(request)
+            self.refuser.refuse(request, "too many sessions")
             return
         slot = self.free_slots.pop()
         self.table.use(slot)
@@ -121,6 +121,7 @@ class ForkingServer(socketserver.ForkingTCPServer):
 
     def collect_children(self, *, blocking=False):
         super().collect_children(blocking=blocking)
+        self.refuser.reap()
         for pid in set(self.slot_of) - set(self.active_children or ()):
             slot = self.slot_of.pop(pid)
             self.table.clear(slot)

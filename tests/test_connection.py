@@ -110,15 +110,18 @@ def test_plain_stdin_session_touches_no_shared_file(tmp_path):
     assert (spool / "locks" / "limits.json").exists()
 
 
-def test_over_the_cap_with_implicit_tls(server_factory, tls_files):
-    """--tls-on-connect --max-sessions 1: the second client is refused inside TLS, as
-    an implicit-TLS client expects (RFC 8314): a handshake, then 421 4.7.0."""
+@pytest.mark.parametrize("mode", [["--workers", "0"], []], ids=["forked-child", "prefork-master"])
+def test_over_the_cap_with_implicit_tls(server_factory, tls_files, mode):
+    """--tls-on-connect: a client over the cap is refused inside TLS, as an implicit-TLS
+    client expects (RFC 8314): a handshake, then 421 4.7.0.  That holds for a refusal
+    by the session's own process and by the prefork master (every worker busy), which
+    must not wait for a handshake itself."""
     import ssl
 
     from conftest import client_context
     ca, cert, key = tls_files
     server = server_factory("--tls-cert", cert, "--tls-key", key, "--tls-on-connect",
-                            "--max-sessions", "1", "--workers", "0")
+                            "--max-sessions", "1", *mode)
     context = client_context(ca)
     first = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port),
                                                          timeout=10), server_hostname="mx.test")
