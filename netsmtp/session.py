@@ -247,7 +247,9 @@ class Session(Policy):
                     self.read_chunk(size, lambda piece: None)
                 raise SMTPError("503 5.5.1")
             try:
-                arg = arg.decode("utf-8").strip(" ") or None
+                # A BDAT line is ASCII or malformed (501 5.5.4 and close, never 5.5.2).
+                arg = (arg.decode("ascii", "replace") if verb == "BDAT"
+                       else arg.decode("utf-8")).strip(" ") or None
             except UnicodeDecodeError:
                 raise SMTPError("501 5.5.2", "invalid UTF-8") from None
             method(arg)
