@@ -39,6 +39,7 @@ schema version 1 (renamed into place whole, so they have no commit line)
 are read as before.
 """
 
+import errno
 import logging
 import os
 import re
@@ -123,6 +124,15 @@ def check_entry(f):
     return COMMIT_LINE_SIZE
 
 
+def own_folder(path):
+    """Make one of a spool's folders (0700); OSError when it is a symlink, which no
+    write under the spool may follow (the spool's own path may be one)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, "%s is a symlink; a spool's folders must be directories"
+                      % path)
+
+
 def misnamed(path):
     """The refusal for a spool directory named like a spool's own folder, or None.
 
@@ -175,8 +185,9 @@ class Spool:
         problem = misnamed(self.path)
         if problem is not None:
             raise OSError(problem)
-        for folder in (self.path, self.tmp, self.locks):
-            os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        for folder in (self.tmp, self.locks):
+            own_folder(folder)
         probe = os.path.join(self.path, ".probe-%d" % os.getpid())
         try:
             os.unlink(probe)
@@ -309,7 +320,7 @@ class Spool:
 
     def quarantine(self, queue_id, reason):
         """Move an entry that cannot be parsed out of the queue; never delete it."""
-        os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
+        own_folder(self.quarantine_dir)
         moved = []
         for path in (self.entry_path(queue_id), self.state_path(queue_id)):
             target = os.path.join(self.quarantine_dir, os.path.basename(path))

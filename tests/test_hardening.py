@@ -100,6 +100,40 @@ def test_no_shared_state_write_follows_a_symlink(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+
+@pytest.mark.parametrize("folder", ["tmp", "locks"])
+def test_spool_folder_that_is_a_symlink_is_refused(tmp_path, folder):
+    """A spool's tmp/ or locks/ planted as a symlink is refused at start (exit 1, a
+    message), and nothing is written where it points."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    os.symlink(victim, spool / folder)
+    proc = subprocess.run([sys.executable, "-m", "netsmtp", "--stdin", "--spool", str(spool),
+                           "--hostname", "mx.test"], input=b"QUIT\r\n", capture_output=True,
+                          cwd=ROOT, timeout=30, env={**os.environ, "TCPREMOTEIP": "192.0.2.9"})
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(b"421 4.3.0 ")
+    assert b"symlink" in proc.stderr
+    assert os.listdir(victim) == []
+
+
+def test_quarantine_that_is_a_symlink_is_not_followed(spool, tmp_path, capsys):
+    """netsmtp-send does not move a bad entry into a quarantine/ planted as a symlink:
+    the entry stays, reported as an error, and nothing lands where the link points."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    os.symlink(victim, os.path.join(spool.path, "quarantine"))
+    queue_id = put(spool)
+    path = spool.entry_path(queue_id)
+    with open(path, "r+b") as f:
+        f.write(b"{not json")
+    assert run_cli(send_main, [spool.path]) == 1
+    assert os.listdir(victim) == []
+    assert os.path.exists(path)
+
+
 # -- inetd never leaks (L4) -----------------------------------------------------
 
 def stdin_over_socketpair(spool, args, stderr_too=True):
