@@ -13,6 +13,7 @@ spool.  This module is loaded by pytest only; netsmtp itself never imports it.
 import email
 import email.policy
 import os
+import socket
 import socketserver
 import threading
 import time
@@ -79,14 +80,52 @@ class _Handler(socketserver.StreamRequestHandler):
                                        options=server.options, spool=server.spool,
                                        transport=transport)
         session.server = server
+        with self.server.live_lock:
+            self.server.live[self.request] = transport  # stop() ends it (its socket, TLS or not)
         session.handle()
         transport.close()
 
 
 class _ThreadingServer(socketserver.ThreadingTCPServer):
+    """Keeps each session's thread and transport, so that stop() can end them all."""
+
     daemon_threads = True
-    block_on_close = False  # a client still connected at the end must not hang teardown
+    block_on_close = False  # stop() ends and joins the sessions itself, with a bound
     allow_reuse_address = True
+
+    def __init__(self, *args):
+        self.live_lock = threading.Lock()
+        self.live = {}      # request socket -> itself, then its session's transport
+        self.threads = {}   # request socket -> the thread serving it
+        super().__init__(*args)
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), daemon=True,
+                                  name="netsmtp-test-session")
+        with self.live_lock:
+            self.live[request], self.threads[request] = request, thread
+        thread.start()
+
+    def shutdown_request(self, request):
+        with self.live_lock:
+            self.live.pop(request, None)
+            self.threads.pop(request, None)
+        super().shutdown_request(request)
+
+    def end_sessions(self, timeout):
+        """Shut down every session's socket (a client still connected reads EOF) and
+        wait for its thread, so no thread outlives the server."""
+        with self.live_lock:
+            ends, threads = list(self.live.values()), list(self.threads.values())
+        for end in ends:
+            try:
+                getattr(end, "sock", end).shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its session
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class SMTPTestServer:
@@ -154,6 +193,7 @@ class SMTPTestServer:
 
     def stop(self):
         self._server.shutdown()
+        self._server.end_sessions(5)
         self._server.server_close()
         self._thread.join(5)
 

@@ -114,6 +114,27 @@ def test_servers_stop_after_the_test(pytester):
     result.assert_outcomes(passed=2)
 
 
+def test_no_session_thread_outlives_its_server(pytester):
+    """A client still connected at the end (or just gone after QUIT) leaves no thread
+    behind: stop() ends each session and waits for it."""
+    result = run(pytester, '''
+        import smtplib, threading
+        BEFORE = set(threading.enumerate())
+        clients = []
+
+        def test_first(smtp_server):
+            with smtplib.SMTP(smtp_server.host, smtp_server.port) as client:
+                client.sendmail("a@example.com", ["b@example.com"], b"Subject: x\\r\\n\\r\\nx\\r\\n")
+            idle = smtplib.SMTP(smtp_server.host, smtp_server.port)
+            idle.ehlo()
+            clients.append(idle)  # still connected when the test ends
+
+        def test_second():
+            assert set(threading.enumerate()) <= BEFORE
+    ''')
+    result.assert_outcomes(passed=2)
+
+
 def test_make_smtp_server_with_tls_and_auth(pytester, tls_files, tmp_path):
     """tls_cert/tls_key and auth_file pass through: STARTTLS, then AUTH, then a message."""
     from netsmtp.auth import hash_password
