@@ -459,9 +459,11 @@ class EditedMessage:
             self.headers.insert(index, header)
 
     def change_header(self, index, name, value, leading_space):
-        """SMFIR_CHGHEADER: the index-th (from 1) field of that name; an empty value
-        deletes it, a missing one is added (as Sendmail does)."""
+        """SMFIR_CHGHEADER: the index-th (from 1; 0 is taken as 1, as Postfix takes it)
+        field of that name; an empty value deletes it, a missing one is added (as
+        Sendmail does)."""
         check_name(name)
+        index = index or 1
         found = [i for i, (other, _) in enumerate(self.headers) if other.lower() == name.lower()]
         position = found[index - 1] if 0 < index <= len(found) else None
         if not value:

@@ -317,10 +317,14 @@ class Milter:
             raise MilterError("unexpected reply %r at %s" % (command, stage))
 
     def reply_code(self, data):
-        """SMFIR_REPLYCODE: a 4xx or 5xx reply, checked like any filter's (milter8.c)."""
+        """SMFIR_REPLYCODE: a 4xx or 5xx reply, checked like any filter's (milter8.c).
+
+        libmilter sends no enhanced code when the milter gave none (Postfix
+        passes "554 text" on): X.7.1 is added, as netsmtp's replies carry one.
+        """
         (text,) = split_strings(data, 1)
         try:
-            reply = parse_filter_reply(text.replace("%%", "%"))
+            reply = parse_filter_reply(text.replace("%%", "%"), default_enhanced="7.1")
         except ValueError as exc:
             raise MilterError("invalid reply code: %s" % exc) from None
         return Result(TEMPFAIL if reply.code < 500 else REJECT, reply)

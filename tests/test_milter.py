@@ -280,6 +280,23 @@ def test_a_milter_breaking_the_protocol_gets_the_default_action(tmp_path, spool,
     assert spooled(spool) == []
 
 
+@pytest.mark.parametrize("text, reply", [
+    (b"554 go away", "554 5.7.1 go away"),
+    (b"421 closing", "421 4.7.1 closing"),
+], ids=["5xx", "4xx"])
+def test_a_reply_code_without_an_enhanced_code_gets_one(tmp_path, spool, text, reply):
+    """libmilter's smfi_setreply with no xcode sends "554 go away": a valid reply, taken
+    as Postfix takes it (not a broken milter), with X.7.1 added as netsmtp's replies
+    all carry an enhanced code."""
+    milter = ScriptedMilter(reply_packet(b"y", text + b"\0"))
+    try:
+        converse = converse_with(tmp_path, spool, milters=milter.address, milter_timeout=5)
+        replies = converse(message("a@example.test", "u@example.test"))
+    finally:
+        milter.close()
+    assert replies[0][1] == [reply]
+
+
 ACCEPT = reply_packet(b"a")
 
 
@@ -303,6 +320,21 @@ def test_unsafe_modifications_get_the_default_action(tmp_path, spool, eom):
         milter.close()
     assert replies[-2][1] == ["451 4.7.1 Service unavailable - try again later"]
     assert spooled(spool) == []
+
+
+def test_change_header_index_zero_is_the_first(tmp_path, spool):
+    """SMFIR_CHGHEADER index 0 changes the first field of that name, as Postfix and
+    Sendmail take it; it adds no second field."""
+    milter = ScriptedMilter(reply_packet(b"c"), eom=reply_packet(
+        b"m", struct.pack("!I", 0) + b"Subject\0changed\0") + ACCEPT)
+    try:
+        converse = converse_with(tmp_path, spool, milters=milter.address)
+        assert converse.codes(message("a@example.test", "u@example.test"))[-2] == 250
+    finally:
+        milter.close()
+    _, text = entry(spool)
+    assert b"\r\nSubject: changed\r\nX-Remove: me\r\nSubject: second\r\n" in text
+    assert text.count(b"Subject:") == 2
 
 
 def test_a_silent_milter_times_out(tmp_path, spool):
