@@ -297,9 +297,10 @@ class Session(Policy):
         """Wait before answering (tarpit, AUTH delay); end the session if the client leaves.
 
         The wait watches the connection: what the client sends meanwhile is
-        read ahead into the reader (up to PAUSE_READ_LIMIT octets), and its
-        end raises EOFError at once, so no worker sleeps for a client that
-        has hung up.  Without a transport (BytesIO tests) it just sleeps.
+        read ahead into the reader (up to PAUSE_READ_LIMIT octets; past that
+        the transport's hung_up() sees the end behind the unread input), and
+        its end raises EOFError at once, so no worker sleeps for a client
+        that has hung up.  Without a transport (BytesIO tests) it just sleeps.
         """
         if seconds <= 0:
             return
@@ -309,6 +310,12 @@ class Session(Policy):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
+            hung_up = getattr(self.transport, "hung_up", None)
+            if len(self.reader.buf) > PAUSE_READ_LIMIT and hung_up is not None:
+                # Read ahead enough: watch for the client's end behind its input.
+                if hung_up(remaining):
+                    raise EOFError("connection closed by client")
+                continue
             if self.transport is None or len(self.reader.buf) > PAUSE_READ_LIMIT:
                 time.sleep(remaining)
                 return

@@ -69,11 +69,28 @@ class PipeTransport:
         ready, _, _ = select.select([self.fd], [], [], timeout)
         return bool(ready)
 
+    def hung_up(self, timeout):
+        """True when the client's end closes within timeout seconds, input pending or not."""
+        return peer_gone(self.fd, timeout)
+
     def drain(self):
         pass
 
     def close(self):
         pass
+
+
+def peer_gone(fd, timeout):
+    """Wait up to timeout seconds for the other end of fd to close, without reading.
+
+    POLLRDHUP (a socket's FIN) and POLLHUP (a reset, a pipe's last writer
+    gone) are reported even behind unread input, which select() cannot see.
+    """
+    poller = select.poll()
+    poller.register(fd, getattr(select, "POLLRDHUP", 0))
+    events = poller.poll(max(0, timeout) * 1000)
+    gone = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL
+    return any(mask & gone for _, mask in events)
 
 
 class SocketTransport:
@@ -105,6 +122,10 @@ class SocketTransport:
             return True
         ready, _, _ = select.select([self.sock], [], [], timeout)
         return bool(ready)
+
+    def hung_up(self, timeout):
+        """True when the client closes or resets within timeout seconds, input pending or not."""
+        return peer_gone(self.sock.fileno(), timeout)
 
     def start_tls(self, context):
         """Run the server side of a TLS handshake, bounded by tls_timeout.

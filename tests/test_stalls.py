@@ -54,15 +54,17 @@ def greeted_within_a_second(port):
         sock.close()
 
 
+@pytest.mark.parametrize("lines", [20, 20000], ids=["20-lines", "140-KB"])
 @pytest.mark.parametrize("server_mode", SERVERS)
-def test_junk_clients_that_hang_up_free_the_pool(server_factory, server_mode):
-    """Two clients pipeline 20 junk lines each (the tarpit's prey), read what is
-    answered at once and hang up: a third client is greeted within a second."""
+def test_junk_clients_that_hang_up_free_the_pool(server_factory, server_mode, lines):
+    """Two clients pipeline junk lines (the tarpit's prey), read what is answered at
+    once and hang up: a third client is greeted within a second.  That holds also when
+    they send more than a pause reads ahead, so their end waits behind unread input."""
     server = server_factory("--max-sessions", "2", *SERVERS[server_mode])
     for _ in range(2):
         sock = connect(server.port)
         assert lines_within(sock, 1, 10)
-        sock.sendall(b"XYZZY\r\n" * 20)
+        sock.sendall(b"XYZZY\r\n" * lines)
         assert len(lines_within(sock, 10, 3)) >= 3  # the free refusals
         sock.close()
     assert greeted_within_a_second(server.port)
