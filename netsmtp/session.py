@@ -225,10 +225,11 @@ class Session(Policy):
             if line is None:
                 raise SMTPError("500 5.5.0", COMMAND_LINE_LIMIT)
             text = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
-            if b"\0" in text:
-                raise SMTPError("501 5.5.2", "NUL byte in command")
             verb, _, arg = text.partition(b" ")
             verb = verb.decode("ascii", "replace").upper()
+            # A NUL in a BDAT line is for chunk_size to refuse (5.5.4 and close).
+            if b"\0" in text and verb != "BDAT":
+                raise SMTPError("501 5.5.2", "NUL byte in command")
             method = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
             if len(line) > LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT):
                 raise SMTPError("500 5.5.0", LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT))

@@ -143,7 +143,8 @@ def test_miscounted_chunk_leaves_the_rest_as_a_command_line(converse, spool):
 
 @pytest.mark.parametrize("line", [b"BDAT", b"BDAT x", b"BDAT 10 FIRST", b"BDAT -1",
                                   b"BDAT \xc2\xb2", b"BDAT \xd9\xa3", b"BDAT " + b"1" * 21,
-                                  b"BDAT 1 LAST more", b"BDAT +1", b"BDAT 1\xff"])
+                                  b"BDAT 1 LAST more", b"BDAT +1", b"BDAT 1\xff",
+                                  b"BDAT 1\x00", b"BDAT 1 LAST\x00"])
 def test_a_malformed_bdat_line_is_refused_and_closes(converse, spool, line):
     """No framing is possible: 501 5.5.4, then the connection ends; NOOP is never answered."""
     replies = talk(converse, TRANSACTION + line + b"\r\nNOOP\r\n")
