@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 VERSION = 6
 BODY_CHUNK = 65535          # MILTER_CHUNK_SIZE: body octets per 'B' packet
 MAX_PACKET = 65535 + 4096   # a replaced body chunk and its command, or any other packet
-MAX_EOM_SECONDS = 300.0     # progress replies keep a milter alive this long at most (Postfix's content timeout)
+MAX_EOM_SECONDS = 300.0     # one stage's answer, progress and changes, at most (Postfix's content timeout)
 MAX_EDITS = 1 << 20         # octets of header and envelope changes at one end of message
 
 # SMFIF_*: the modifications a milter may ask to make.
@@ -280,9 +280,10 @@ class Milter:
         started, edits = time.monotonic(), 0
         while True:
             command, data = self.read()
+            # Progress and changes each come within the timeout; all of them within this.
+            if time.monotonic() - started > MAX_EOM_SECONDS:
+                raise MilterError("still answering after %ss" % MAX_EOM_SECONDS)
             if command == PROGRESS:
-                if time.monotonic() - started > MAX_EOM_SECONDS:
-                    raise MilterError("still in progress after %ss" % MAX_EOM_SECONDS)
                 continue
             if command in (CONTINUE, ACCEPT):
                 return result or Result(command)

@@ -219,7 +219,8 @@ def test_unreachable_milter_gets_the_default_action(tmp_path, spool, default, co
 
 
 class ScriptedMilter:
-    """Answers negotiation properly, then every later packet with the bytes given."""
+    """Answers negotiation properly, then every later packet with the bytes given (at end
+    of message, eom: bytes, or a function given the connection)."""
 
     def __init__(self, answer, negotiate=None, eom=None):
         self.answer, self.negotiate, self.eom = answer, negotiate, eom
@@ -241,6 +242,8 @@ class ScriptedMilter:
                     data = conn.recv(struct.unpack("!I", head)[0], socket.MSG_WAITALL)
                     if data[:1] == b"O":
                         conn.sendall(self.negotiate or struct.pack("!IcIII", 13, b"O", 6, 0x1FF, 0))
+                    elif data[:1] == b"E" and callable(self.eom):
+                        self.eom(conn)
                     elif data[:1] == b"E" and self.eom is not None:
                         conn.sendall(self.eom)
                     elif data[:1] not in (b"D", b"A", b"Q"):
@@ -335,6 +338,29 @@ def test_change_header_index_zero_is_the_first(tmp_path, spool):
     _, text = entry(spool)
     assert b"\r\nSubject: changed\r\nX-Remove: me\r\nSubject: second\r\n" in text
     assert text.count(b"Subject:") == 2
+
+
+def test_a_milter_dripping_changes_is_cut_off(tmp_path, spool, monkeypatch):
+    """Each packet within --milter-timeout is not enough: the whole end of message is
+    bounded too (Postfix's content timeout), whatever the milter sends meanwhile."""
+    import time
+
+    import netsmtp.milter
+    monkeypatch.setattr(netsmtp.milter, "MAX_EOM_SECONDS", 0.5)
+
+    def drip(conn):
+        for _ in range(30):  # 3 s of changes, each well within the timeout
+            conn.sendall(reply_packet(b"h", b"X-Drip\0x\0"))
+            time.sleep(0.1)
+        conn.sendall(ACCEPT)
+    milter = ScriptedMilter(reply_packet(b"c"), eom=drip)
+    try:
+        converse = converse_with(tmp_path, spool, milters=milter.address, milter_timeout=5)
+        replies = converse(message("a@example.test", "u@example.test"))
+    finally:
+        milter.close()
+    assert replies[-2][1] == ["451 4.7.1 Service unavailable - try again later"]
+    assert spooled(spool) == []
 
 
 def test_a_silent_milter_times_out(tmp_path, spool):
