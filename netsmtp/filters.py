@@ -364,9 +364,9 @@ class FilterWriter:
                 envelope.recipients[:] = [transaction.redirect]
                 envelope.dsn.clear()  # the DSN requests were the replaced recipients'
             self.inner = session.spool.create(envelope)
-            self.inner.write(session.received_header(envelope))
-            for line in transaction.prepend:
+            for line in transaction.prepend:  # above the Received header, as Postfix's smtpd
                 self.inner.write(line.encode("utf-8") + b"\r\n")
+            self.inner.write(session.received_header(envelope))
             message.write_to(self.inner)
             if transaction.hold is not None:
                 hold_new_entry(session.spool, envelope, transaction.hold)

@@ -110,13 +110,16 @@ def test_postfwd_actions_at_rcpt(postfwd, tmp_path, spool):
 
 
 def test_postfwd_prepend_redirect_and_discard(postfwd, tmp_path, spool):
-    """PREPEND adds the header to the spooled message; REDIRECT replaces the recipients;
-    DISCARD answers 250 and keeps nothing."""
+    """PREPEND adds the header to the spooled message, above netsmtp's own Received as
+    Postfix's smtpd puts it; REDIRECT replaces the recipients; DISCARD answers 250 and
+    keeps nothing."""
     converse = converse_with(tmp_path, spool, policy_services=postfwd)
     assert converse.codes(message_to("tagged@example.test", "moved@example.test"))[-2] == 250
     entry = read_entry(spool)
     assert b'"recipients":["new@example.test"]' in entry
-    assert b"\r\nX-Postfwd: tagged\r\nSubject: policy\r\n" in entry
+    message = entry.split(b"\n", 2)[2]  # after the entry's own two lines
+    assert message.startswith(b"X-Postfwd: tagged\r\nReceived: from client.test ")
+    assert b";\r\n\t" in message and b"\r\nSubject: policy\r\n\r\nbody\r\n" in message
     os.unlink(os.path.join(spool.path, spooled(spool)[0]))
     assert converse.codes(message_to("dropped@example.test"))[-2] == 250
     assert spooled(spool) == []
@@ -157,7 +160,7 @@ def test_postgrey_greylists_then_accepts_and_prepends(peer, tmp_path, spool):
     assert spooled(spool) == []
     time.sleep(2.1)  # greylisting is a delay: postgrey accepts only after --delay seconds
     assert converse.codes(message_to("greylisted@example.test"))[-2] == 250
-    assert b"\r\nX-Greylist: delayed " in read_entry(spool)
+    assert b"\nX-Greylist: delayed " in read_entry(spool)
 
 
 def test_policyd_rate_limit_defers_over_the_limit(peer, tmp_path, spool):
