@@ -14,9 +14,13 @@ RCPT into the envelope (recursively, at most MAX_ALIAS_DEPTH levels);
 "@domain" catches what no exact entry matches.  Matching ignores case;
 "#" starts a comment anywhere.  The whole file is checked when it is read
 (syntax, local domains, loops, depth), so a table is never half loaded, and
-it is read again whenever its file changes (see current()).
+it is read again whenever its file changes (see current()).  The last good
+text is shared by every process through a file in SPOOL/locks, so a
+process whose reload fails serves the last good table, not its own older
+one (see LastGood).
 """
 
+import hashlib
 import logging
 import os
 
@@ -101,6 +105,16 @@ def check_address(text):
     return text[:-1] if text.endswith(".") else text
 
 
+def stamp_of(st):
+    """(device, inode, size, mtime, ctime) of an os.stat result."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def newer(stamp, than):
+    """True when stamp is a later version of the file than than (by change time)."""
+    return than is None or (stamp[4], stamp[3]) > (than[4], than[3])
+
+
 class RecipientTable:
     """A parsed recipient file for some local domains.
 
@@ -120,6 +134,7 @@ class RecipientTable:
         self.mailboxes = frozenset()
         self.stamp = None
         self.failed_stamp = None  # the file change whose reload failed
+        self.text = None  # the file's text, as parsed
 
     # -- reading -------------------------------------------------------------
 
@@ -132,22 +147,26 @@ class RecipientTable:
 
     def file_stamp(self):
         """What tells a changed file: inode, size, modification and change times."""
-        st = os.stat(self.path)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return stamp_of(os.stat(self.path))
 
     def read(self):
         """Parse the file into this table, or raise TableError and change nothing."""
         try:
-            stamp = self.file_stamp()
             with open(self.path, "rb") as f:
+                stamp = stamp_of(os.fstat(f.fileno()))  # the stamp of the file read
                 data = f.read(MAX_TABLE_SIZE + 1)
         except OSError as exc:
             raise TableError("%s: cannot read: %s" % (self.path, exc.strerror or exc)) from None
         if len(data) > MAX_TABLE_SIZE:
             raise TableError("%s: over %d octets" % (self.path, MAX_TABLE_SIZE))
+        self.use(data, stamp)
+
+    def use(self, data, stamp):
+        """Parse data (the file's bytes at stamp) into this table, or raise TableError."""
         entries, lines = self.parse(data)
         mailboxes = self.check(entries, lines)
         self.entries, self.mailboxes, self.stamp = entries, frozenset(mailboxes), stamp
+        self.text = data.decode("utf-8")  # parse() decoded every line: this cannot fail
 
     def parse(self, data):
         """({key: targets or None}, {key: line number}) from the file's bytes."""
@@ -300,6 +319,65 @@ class RecipientTable:
         return sorted(d for d in self.local_domains if "postmaster@" + d not in self.entries)
 
 
+class LastGood:
+    """The last good text of a table's file, shared by every process: SPOOL/locks/recipients-*.json.
+
+    A prefork worker forked before a good change and idle over it still
+    holds the table from before; if the file is broken by its first
+    session, its own table is not the last good one.  So whichever process
+    loads a changed file records the text with its stamp here, and a process
+    whose reload fails adopts the recorded text when it is a later version
+    than its own table.  Written only when a changed file loads (and the
+    copy there is an older version); read only when a reload fails, so an
+    unchanged file still costs one stat a session.
+    """
+
+    def __init__(self, options, key):
+        from .limits import SharedState
+        self.key = repr(key)  # the file and the options it is read with
+        name = hashlib.sha256(self.key.encode("utf-8")).hexdigest()[:32]
+        self.state = SharedState(os.path.join(options.spool, "locks", "recipients-%s.json" % name),
+                                 valid=self.valid)
+
+    def valid(self, doc):
+        return (isinstance(doc, dict) and (not doc or doc.get("key") == self.key
+                and isinstance(doc.get("text"), str) and isinstance(doc.get("stamp"), list)
+                and len(doc["stamp"]) == 5 and all(isinstance(n, int) for n in doc["stamp"])))
+
+    def record(self, table):
+        """Share table's text, unless a later (or the same) version is recorded already."""
+        def change(doc):
+            if doc and not newer(table.stamp, tuple(doc["stamp"])):
+                return
+            doc.clear()
+            doc.update(key=self.key, stamp=list(table.stamp), text=table.text)
+        try:
+            doc = self.state.load()
+            if not doc or newer(table.stamp, tuple(doc["stamp"])):
+                self.state.update(change)
+        except OSError as exc:
+            log.warning("%s: cannot share the table: %s", self.state.path, exc)
+
+    def adopt(self, table):
+        """A table of the recorded text when it is later than table's, else None."""
+        try:
+            doc = self.state.load()
+        except OSError as exc:
+            log.warning("%s: cannot read the shared table: %s", self.state.path, exc)
+            return None
+        if not doc or not newer(tuple(doc["stamp"]), table.stamp):
+            return None
+        fresh = RecipientTable(table.path, table.local_domains, table.delimiter, table.hostname)
+        try:
+            fresh.use(doc["text"].encode("utf-8"), tuple(doc["stamp"]))
+        except (TableError, UnicodeError) as exc:
+            log.warning("%s: the shared table does not load: %s", self.state.path, exc)
+            return None
+        log.info("%s: the last good table another process loaded is in force, %d entries",
+                 table.path, len(fresh.entries))
+        return fresh
+
+
 # One table per process and file, shared by the sessions a process serves
 # (a prefork worker serves many); each session asks current() once.
 _TABLES = {}
@@ -309,9 +387,10 @@ def current(options):
     """The recipient table of options (None without one), reread when its file changed.
 
     A stat per call is the whole cost of an unchanged file.  A file that
-    changed but no longer parses (or cannot be read) keeps the old table
-    in force, with an error logged once per change; TableError only when
-    there never was a good table.
+    changed but no longer parses (or cannot be read) keeps the last good
+    table in force, with an error logged once per change: this process's
+    own, or the later one another process loaded (LastGood); TableError
+    only when there never was a good table.
     """
     if not options.recipients:
         return None
@@ -332,11 +411,13 @@ def current(options):
             fresh = RecipientTable.load(options.recipients, options.local_domains,
                                         options.recipient_delimiter, options.hostname)
         except TableError as exc:
-            table.failed_stamp = stamp
             log.error("%s; the table read before stays in force", exc)
+            _TABLES[key] = table = LastGood(options, key).adopt(table) or table
+            table.failed_stamp = stamp
         else:
             _TABLES[key] = table = fresh
             log.info("%s: reloaded, %d entries", options.recipients, len(table.entries))
+            LastGood(options, key).record(table)
     return table
 
 

@@ -385,6 +385,51 @@ def test_the_toml_key_recipients_names_the_table(tmp_path):
     assert refused.returncode == 1
 
 
+def test_a_process_whose_reload_fails_adopts_the_last_good_table_another_loaded(
+        tmp_path, monkeypatch, caplog):
+    """Two processes (two table caches): B, idle over a good change A loaded, then a broken file.
+
+    B's own table is the one from before the good change; the broken file must
+    leave B with the last good table (A's, shared in SPOOL/locks), not its own.
+    """
+    path = tmp_path / "recipients"
+    path.write_text("ann@example.com\n")
+    options = make_options(tmp_path, recipients=str(path), local_domains=",".join(DOMAINS))
+    process_a, process_b = {}, {}
+
+    def in_process(cache):
+        monkeypatch.setattr(recipients, "_TABLES", cache)
+        return recipients.current(options)
+
+    for cache in (process_a, process_b):
+        assert in_process(cache).resolve("ann@example.com").accepted
+    locks = tmp_path / "spool" / "locks"
+    assert stamps(locks) == {}  # no change yet: nothing written
+    path.write_text("carol@example.com\n")
+    table = in_process(process_a)
+    assert [table.resolve(a).accepted for a in ("carol@example.com", "ann@example.com")] == [
+        True, False]
+    written = stamps(locks)
+    path.write_text("carol@example.com\nnot an address\n")
+    with caplog.at_level(logging.ERROR, logger="netsmtp.recipients"):
+        for _ in range(2):
+            for cache in (process_b, process_a):
+                table = in_process(cache)
+                assert [table.resolve(a).accepted
+                        for a in ("carol@example.com", "ann@example.com")] == [True, False]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and all("recipients:2: bad address" in e for e in errors)
+    assert stamps(locks) == written  # a failed reload writes nothing
+    assert [name for name in written if name.endswith(".json")]  # what A shared
+
+
+def stamps(directory):
+    """{file name: modification time} of the files in directory (none when it is missing)."""
+    if not directory.exists():
+        return {}
+    return {name: os.stat(directory / name).st_mtime_ns for name in os.listdir(directory)}
+
+
 @pytest.mark.parametrize("server_args", [
     ("--workers", "0"),  # the forking server: a child per session
     ("--workers", "2", "--max-connections-per-worker", "1"),  # a fresh worker per session
