@@ -94,7 +94,8 @@ def check_entry(f):
 
     Reads the whole file to verify the checksum.  Raises Incomplete for an
     entry that was never committed (no commit line, or shorter than it
-    says), ValueError for a committed one that is damaged.  An entry of
+    says and failing its checksum), ValueError for a committed one that is
+    damaged (a whole entry whose size digits changed included).  An entry of
     schema version 1 has no commit line (its envelope starts at once).
     """
     head = f.read(COMMIT_LINE_SIZE)
@@ -108,8 +109,6 @@ def check_entry(f):
             raise Incomplete(f.name, stat.st_mtime)
         raise ValueError("damaged commit line")
     size, crc = int(match.group(1)), int(match.group(2), 16)
-    if stat.st_size < COMMIT_LINE_SIZE + size:
-        raise Incomplete(f.name, stat.st_mtime)
     if stat.st_size > COMMIT_LINE_SIZE + size:
         raise ValueError("entry is %d octets longer than its commit line says"
                          % (stat.st_size - COMMIT_LINE_SIZE - size))
@@ -119,6 +118,12 @@ def check_entry(f):
         if not chunk:
             break
         actual = zlib.crc32(chunk, actual)
+    if stat.st_size < COMMIT_LINE_SIZE + size:
+        if actual == crc:
+            # Everything the writer wrote is there: the size in the commit
+            # line changed, it was not a cut (a cut fails the checksum).
+            raise ValueError("damaged commit line: the entry is whole but shorter than it says")
+        raise Incomplete(f.name, stat.st_mtime)
     if actual != crc:
         raise ValueError("checksum mismatch: the entry changed after it was committed")
     return COMMIT_LINE_SIZE

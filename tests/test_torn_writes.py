@@ -128,3 +128,36 @@ def test_committed_entry_that_changed_is_quarantined(tmp_path, entries, smarthos
     assert smarthost.messages == [] and spooled(spool) == []
     with open(os.path.join(spool.quarantine_dir, name), "rb") as f:
         assert f.read() == damaged
+
+
+def test_committed_entry_whose_commit_line_changed_is_quarantined(tmp_path, entries, smarthost,
+                                                                  capsys):
+    """A flipped octet anywhere in a committed entry's commit line (a size digit made
+    larger included, which looks like a cut) is quarantined and kept, never removed as
+    debris, however old."""
+    name, data = min(entries.items(), key=lambda item: len(item[1]))
+    spools = []
+    for offset in range(COMMIT_LINE_SIZE):
+        for flip in (0x01, 0x20):
+            damaged = bytearray(data)
+            damaged[offset] ^= flip
+            spool = Spool(str(tmp_path / ("damaged-%d-%d" % (offset, flip))))
+            spool.prepare()
+            path = os.path.join(spool.path, name)
+            with open(path, "wb") as f:
+                f.write(damaged)
+            old = time.time() - 3601
+            os.utime(path, (old, old))
+            spools.append((spool, bytes(damaged)))
+    for spool, _ in spools:
+        assert run_cli(queue_main, ["--spool", spool.path]) == 1
+        assert "unreadable entry" in capsys.readouterr().err
+    assert run_cli(send_main, ["--smarthost", smarthost.address, "--smarthost-tls", "off",
+                               *(spool.path for spool, _ in spools)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(spools) and all(": quarantined (" in line for line in lines)
+    assert smarthost.messages == []
+    for spool, damaged in spools:
+        assert spooled(spool) == []
+        with open(os.path.join(spool.quarantine_dir, name), "rb") as f:
+            assert f.read() == damaged
