@@ -160,6 +160,8 @@ def control_main(spool, action, names):
         try:
             done = control(spool, action, queue_id)
         except Unknown:
+            if queue_id not in names:
+                continue  # ALL found it, but it is not mail yet (not committed) or gone
             print("%s: %s: no such entry" % (QUEUE, printable(queue_id)), file=sys.stderr)
         except Busy:
             print("%s: %s: busy (being sent), skipped" % (QUEUE, queue_id), file=sys.stderr)

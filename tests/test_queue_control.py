@@ -91,6 +91,25 @@ def test_all_names_every_entry(spool, capsys):
     assert sorted(listed(spool, capsys)) == sorted(ids)
 
 
+def test_all_passes_over_entries_not_committed(spool, capsys):
+    """ALL is every committed entry: one still being written (or cut by a crash) is not
+    mail, so it is neither changed nor named, and the command still exits 0."""
+    queue_id = put(spool)
+    writer = spool.create(Envelope(sender="a@b.test", recipients=["u@x.test"],
+                                   id="%s" % ("f" * 24), arrival=time.time()))
+    try:
+        writer.write(b"Subject: half\r\n")
+        writer.flush()
+        for action in ("--hold", "--release", "--retry-now", "--delete"):
+            assert queue(spool, action, "ALL") == 0
+            captured = capsys.readouterr()
+            assert "f" * 24 not in captured.out + captured.err
+        assert os.path.exists(writer.path) and not os.path.exists(spool.state_path("f" * 24))
+        assert not os.path.exists(spool.entry_path(queue_id))
+    finally:
+        writer.close()
+
+
 def test_unknown_ids_are_named_and_exit_1(spool, capsys):
     """An unknown (or malformed) id is named on stderr, the others are still done; exit 1."""
     queue_id = put(spool)
