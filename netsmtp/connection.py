@@ -245,13 +245,18 @@ def address_from(environ):
     return None, "unknown"
 
 
-def serve(connection, options, spool, session_class, admission=(), stop_requested=None):
+def serve(connection, options, spool, session_class, admission=(), stop_requested=None,
+          signals_to=None):
     """Admit the connection, run its session to the end, release and close.
 
     admission is a sequence of gates with admit(peer) -> None or a reason
     and release(peer) (netsmtp.limits); a refusal is one 421 4.7.0 line.
     stop_requested() is asked once the session's own signal handlers are
-    in place, so a stop that came just before is not lost.  Returns the
+    in place, so a stop that came just before is not lost.  signals_to, when
+    given, is called with the session instead of installing its handlers:
+    a caller whose handlers stay in place for every connection (the prefork
+    worker) passes its stop signals on to session.stop_gracefully() itself,
+    which spares two handler swaps per connection.  Returns the
     Session, or None when the connection was refused; never raises for the
     client's sake, and never shows the client an exception.
     """
@@ -272,7 +277,10 @@ def serve(connection, options, spool, session_class, admission=(), stop_requeste
         session = session_class(connection.rfile, connection.wfile, peer=peer,
                                 options=options, spool=spool,
                                 transport=connection.transport, **extra)
-        session.stop_on_signals()
+        if signals_to is None:
+            session.stop_on_signals()
+        else:
+            signals_to(session)
         if stop_requested is not None and stop_requested():
             session.stopping = True
         session.handle()

@@ -269,6 +269,9 @@ class Worker:
         self.session_class = server.session_class
         self.socket = server.socket
         self.master = os.getppid()
+        self.pid = os.getpid()
+        self.reports = {state: STATUS.pack(self.pid, state) for state in (IDLE, BUSY)}
+        self.session = None  # the Session being served, which stop signals reach
         self.stop_requested = False
         self.retiring = False
         self.served = 0
@@ -289,7 +292,7 @@ class Worker:
         limit = self.options.max_connections_per_worker
         while not (self.stop_requested or self.retiring):
             if not poller.poll(5.0) and os.getppid() != self.master:
-                log.warning("worker %d: master gone, leaving", os.getpid())
+                log.warning("worker %d: master gone, leaving", self.pid)
                 break
             try:
                 os.read(wake_read, 512)
@@ -307,7 +310,7 @@ class Worker:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # The connection stays queued and epoll would report it
                     # again at once: pause instead of spinning on the error.
-                    log.warning("worker %d: accept: %s", os.getpid(), exc)
+                    log.warning("worker %d: accept: %s", self.pid, exc)
                     time.sleep(RESOURCE_PAUSE)
                     continue
                 raise
@@ -319,13 +322,20 @@ class Worker:
             self.served += 1
             if limit and self.served >= limit:
                 log.debug("worker %d: recycled after %d connections",
-                          os.getpid(), self.served)
+                          self.pid, self.served)
                 break
         return 0
 
     def listen_to_signals(self):
+        """Install the worker's handlers, once: they outlive every connection.
+
+        A stop also reaches the session being served (stop_gracefully), so
+        no handler is swapped per connection; RETIRE waits for the session.
+        """
         def stop(signum, frame):
             self.stop_requested = True
+            if self.session is not None:
+                self.session.stop_gracefully()
 
         def retire(signum, frame):
             self.retiring = True
@@ -339,16 +349,19 @@ class Worker:
         try:
             connection = Connection.from_socket(request, self.options, peer=peer_of(client_address))
             session = serve(connection, self.options, self.spool, self.session_class,
-                            self.server.admission, stop_requested=lambda: self.stop_requested)
+                            self.server.admission, stop_requested=lambda: self.stop_requested,
+                            signals_to=self.attach)
         except Exception:
             log.exception("error serving %s", client_address)
             request.close()
         finally:
-            self.listen_to_signals()
-            # Checked after the worker's handlers are back, so a stop that
-            # reached the session's handler at any moment is not lost.
+            self.session = None
             if session is not None and session.stopping:
                 self.stop_requested = True
 
+    def attach(self, session):
+        """From serve(): stop signals reach session from now on (listen_to_signals)."""
+        self.session = session
+
     def report(self, state):
-        os.write(self.server.status_write, STATUS.pack(os.getpid(), state))
+        os.write(self.server.status_write, self.reports[state])

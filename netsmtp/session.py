@@ -131,12 +131,18 @@ class Session(Policy):
         An idle session (no transaction) is interrupted at once and says
         421; a session in a transaction finishes its current message first.
         """
-        def stop(signum, frame):
-            self.stopping = True
-            if self.idle:
-                raise ShuttingDown
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, self.stop_gracefully)
+        signal.signal(signal.SIGINT, self.stop_gracefully)
+
+    def stop_gracefully(self, signum=None, frame=None):
+        """The server is stopping: from a signal handler, this process's or its own.
+
+        A session waiting for a command (idle) ends at once with a 421; any
+        other finishes what it is doing and its message first.
+        """
+        self.stopping = True
+        if self.idle:
+            raise ShuttingDown
 
     def handle(self):
         """Greet, serve commands until QUIT, EOF, timeout or shutdown."""
