@@ -9,7 +9,9 @@ behind a busy worker), retires idle ones the pool no longer needs, and
 replaces any that exit or die.  With every one of options.max_sessions
 workers busy, the master accepts what arrives and refuses it with a 421, so
 no client waits unanswered in the listen backlog.  A worker reports busy/idle to the master over
-a pipe and leaves after options.max_connections_per_worker connections.
+a pipe (a worker that finds the next connection already queued takes it and
+stays busy, with no report) and leaves after
+options.max_connections_per_worker connections.
 
 Each worker waits on the listening socket with epoll and EPOLLEXCLUSIVE, so a
 new connection wakes one idle worker, not all of them, and a signal ends the
@@ -290,40 +292,51 @@ class Worker:
         poller.register(self.socket.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
         poller.register(wake_read, select.EPOLLIN)
         limit = self.options.max_connections_per_worker
-        while not (self.stop_requested or self.retiring):
-            if not poller.poll(5.0) and os.getppid() != self.master:
-                log.warning("worker %d: master gone, leaving", self.pid)
-                break
-            try:
-                os.read(wake_read, 512)
-            except BlockingIOError:
-                pass
-            if self.stop_requested or self.retiring:
-                break
-            try:
-                request, client_address = self.socket.accept()
-            except (BlockingIOError, InterruptedError):
-                continue  # another worker took it
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue  # the client gave up before we accepted
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # The connection stays queued and epoll would report it
-                    # again at once: pause instead of spinning on the error.
-                    log.warning("worker %d: accept: %s", self.pid, exc)
-                    time.sleep(RESOURCE_PAUSE)
-                    continue
-                raise
-            self.report(BUSY)
-            try:
+        busy = False  # as last reported to the master
+        try:
+            while not (self.stop_requested or self.retiring):
+                if not busy:
+                    if not poller.poll(5.0) and os.getppid() != self.master:
+                        log.warning("worker %d: master gone, leaving", self.pid)
+                        break
+                    try:
+                        os.read(wake_read, 512)
+                    except BlockingIOError:
+                        pass
+                    if self.stop_requested or self.retiring:
+                        break
+                # A busy worker tries the next queued connection before it
+                # reports idle: under load it goes on serving with no
+                # busy/idle pair for the master to wake up for.
+                try:
+                    request, client_address = self.socket.accept()
+                except OSError as exc:
+                    if busy:
+                        self.report(IDLE)
+                        busy = False
+                    if isinstance(exc, (BlockingIOError, InterruptedError)):
+                        continue  # none queued, or another worker took it
+                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                        continue  # the client gave up before we accepted
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        # The connection stays queued and epoll would report it
+                        # again at once: pause instead of spinning on the error.
+                        log.warning("worker %d: accept: %s", self.pid, exc)
+                        time.sleep(RESOURCE_PAUSE)
+                        continue
+                    raise
+                if not busy:
+                    self.report(BUSY)
+                    busy = True
                 self.handle(request, client_address)
-            finally:
+                self.served += 1
+                if limit and self.served >= limit:
+                    log.debug("worker %d: recycled after %d connections",
+                              self.pid, self.served)
+                    break
+        finally:
+            if busy:
                 self.report(IDLE)
-            self.served += 1
-            if limit and self.served >= limit:
-                log.debug("worker %d: recycled after %d connections",
-                          self.pid, self.served)
-                break
         return 0
 
     def listen_to_signals(self):
