@@ -11,6 +11,8 @@ import os
 import select
 import socket
 
+TIMEOUT_SLACK = 0.001  # seconds a socket's read bound may differ from the one asked for
+
 
 class PipeReader:
     """read1() on a pipe with an idle timeout, as a socket timeout gives."""
@@ -112,8 +114,16 @@ class SocketTransport:
         return self.sock.makefile("rb"), self.sock.makefile("wb")
 
     def read_timeout(self, seconds):
-        """Bound the next read to seconds (a deadline closer than the idle timeout)."""
-        self.sock.settimeout(seconds)
+        """Bound the next read to seconds (a deadline closer than the idle timeout).
+
+        Each settimeout() is an ioctl, and a session asks twice per command
+        for nearly the same bound (the idle timeout, then the line's
+        deadline microseconds less): a change under TIMEOUT_SLACK keeps the
+        current one, so a read ends at most that late.
+        """
+        current = self.sock.gettimeout()
+        if not current or abs(current - seconds) > TIMEOUT_SLACK:
+            self.sock.settimeout(seconds)
 
     def readable(self, timeout):
         """True when input (or its end) arrives within timeout seconds."""
