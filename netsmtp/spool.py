@@ -207,10 +207,13 @@ class Spool:
 
         A spool not created yet is measured on the filesystem it would be on.
         """
-        path = os.path.abspath(self.path)
-        while not os.path.isdir(path) and os.path.dirname(path) != path:
-            path = os.path.dirname(path)
-        stat = os.statvfs(path)
+        try:
+            stat = os.statvfs(self.path)  # one syscall per MAIL while the spool exists
+        except (FileNotFoundError, NotADirectoryError):
+            path = os.path.abspath(self.path)
+            while not os.path.isdir(path) and os.path.dirname(path) != path:
+                path = os.path.dirname(path)
+            stat = os.statvfs(path)
         return stat.f_bavail * stat.f_frsize
 
     def entry_path(self, queue_id):
