@@ -96,6 +96,33 @@ def test_sigterm_finishes_the_message_in_flight(server_factory):
         stream.close()
 
 
+def test_sigterm_reaches_a_session_on_a_worker_that_served_before(server_factory):
+    """The worker's handlers, installed once, still stop a session after earlier connections."""
+    server = server_factory("--workers", "1", "--log-level", "debug")
+    served = set()
+    for attempt in range(20):
+        sock, reader = connect(server.port)
+        assert read_reply(reader)[0] == 220
+        pids = wait_for(lambda: (lambda p: len(p) == attempt + 1 and p)(
+            serving_pids(server.output())))
+        if pids[-1] in served:
+            break
+        served.add(pids[-1])
+        sock.sendall(b"QUIT\r\n")
+        assert read_reply(reader)[0] == 221
+        reader.close()
+        sock.close()
+    else:
+        raise AssertionError("no worker served a second connection")
+    sock.sendall(b"EHLO c.test\r\n")
+    assert read_reply(reader)[0] == 250
+    server.proc.terminate()
+    assert read_reply(reader)[0] == 421
+    assert server.proc.wait(10) == 0
+    reader.close()
+    sock.close()
+
+
 def test_worker_is_recycled_after_its_connection_limit(server_factory):
     """--max-connections-per-worker 2: no worker serves a third connection."""
     server = server_factory("--workers", "1", "--max-connections-per-worker", "2",
