@@ -103,7 +103,7 @@ def test_sigterm_reaches_a_session_on_a_worker_that_served_before(server_factory
     for attempt in range(20):
         sock, reader = connect(server.port)
         assert read_reply(reader)[0] == 220
-        pids = wait_for(lambda: (lambda p: len(p) == attempt + 1 and p)(
+        pids = wait_for(lambda wanted=attempt + 1: (lambda p: len(p) == wanted and p)(
             serving_pids(server.output())))
         if pids[-1] in served:
             break
