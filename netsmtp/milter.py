@@ -18,11 +18,11 @@ one milter; netsmtp.filters applies what it returns to the message.
 """
 
 import logging
-import socket
 import struct
 import time
 
 from .replies import FilterReply, parse_filter_reply, printable
+from .transport import open_stream
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +148,8 @@ class Milter:
 
     def open(self):
         """Connect and negotiate (SMFIC_OPTNEG); MilterError on failure."""
-        kind, where = self.address
         try:
-            if kind == "unix":
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.timeout)
-                try:
-                    sock.connect(where)
-                except OSError:
-                    sock.close()
-                    raise
-            else:
-                sock = socket.create_connection(where, timeout=self.timeout)
+            sock = open_stream(self.address, self.timeout)
         except OSError as exc:
             raise MilterError("cannot connect: %s" % exc) from None
         self.sock = sock

@@ -11,12 +11,12 @@ an error, answered with --policy-default-action, never silently OK.
 
 import logging
 import re
-import socket
 import time
 
 from .address import AddressError, parse_path
 from .policy import FIELD_NAME
 from .replies import FilterReply, parse_filter_reply, printable
+from .transport import open_stream
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +130,7 @@ class PolicyClient:
         return "unix:%s" % where if kind == "unix" else "%s:%d" % where
 
     def connect(self, deadline):
-        kind, where = self.address
-        left = max(0.001, deadline - time.monotonic())
-        if kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(left)
-            try:
-                sock.connect(where)
-            except OSError:
-                sock.close()
-                raise
-        else:
-            sock = socket.create_connection(where, timeout=left)
-        return sock
+        return open_stream(self.address, max(0.001, deadline - time.monotonic()))
 
     def query(self, attributes):
         """The action= value for attributes, within the timeout; PolicyError on trouble.

@@ -4,7 +4,8 @@ A Session works over any binary reader and writer; a transport adds the two
 things only a real connection can do: wait for input with a deadline (the
 greeting pause that catches early talkers) and switch to TLS (RFC 3207).
 Servers pass one as Session(..., transport=...); BytesIO tests pass none, so
-their sessions neither pause nor offer STARTTLS.
+their sessions neither pause nor offer STARTTLS.  open_stream() is the other
+direction: the stream a session opens to a milter or a policy service.
 """
 
 import os
@@ -178,3 +179,18 @@ class SocketTransport:
         except OSError:
             pass
         self.sock.close()
+
+
+def open_stream(address, timeout):
+    """A connected stream socket to ("inet", (host, port)) or ("unix", path); OSError if not."""
+    kind, where = address
+    if kind != "unix":
+        return socket.create_connection(where, timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(where)
+    except OSError:
+        sock.close()
+        raise
+    return sock
