@@ -19,6 +19,7 @@ per client and user, and AuthInProgress lets a client run one AUTH at once.
 
 import errno
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -37,11 +38,14 @@ MAX_TRACKED = 100_000  # keys kept at most by KeyedTimes; the oldest go first
 LOCK_TIMEOUT = 5.0  # seconds; past it admission and AUTH fail closed
 
 
+@functools.lru_cache(maxsize=1024)
 def client_key(peer):
     """Whom a connection counts against: its IPv4 address, or its IPv6 /64.
 
     One IPv6 host commonly holds a whole /64; counting by full address would
-    let it step around every per-client limit.
+    let it step around every per-client limit.  Cached: parsing an address
+    with ipaddress is most of a connection's admission, and a client
+    mostly comes back.
     """
     if not peer:
         return "local"
