@@ -15,7 +15,7 @@ from . import dsn
 from .delivery import Delivery, Result
 from .options import UnixPath
 from .replies import printable
-from .smarthost import BDAT_CHUNK, _reply, send_data
+from .smarthost import _reply, hang_up, send_chunks, send_data
 
 log = logging.getLogger(__name__)
 
@@ -220,38 +220,21 @@ class LMTPDelivery(Delivery):
         the message with that reply for every accepted recipient.
         """
         with envelope.open() as message:
-            chunk = message.read(BDAT_CHUNK)
-            while True:
-                following = message.read(BDAT_CHUNK)
-                last = not following
-                if last and not chunk.endswith(b"\r\n"):
-                    chunk += b"\r\n"
-                lmtp.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b""))
-                lmtp.send(chunk)
-                if last:
-                    break
-                reply = _reply(lmtp.getreply())
-                if not 200 <= reply.code < 300:
-                    results.update(dict.fromkeys(accepted, reply))
-                    lmtp.rset()
-                    return
-                chunk = following
+            refusal = send_chunks(lmtp, message, lambda client: _reply(client.getreply()))
+        if refusal is not None:
+            results.update(dict.fromkeys(accepted, refusal))
+            lmtp.rset()
+            return
         # RFC 2033 section 4.3: BDAT LAST is answered like DATA's final dot.
         for recipient in accepted:
             results[recipient] = _reply(lmtp.getreply())
 
     def drop(self):
         if self.lmtp is not None:
-            try:
-                self.lmtp.close()
-            except OSError:
-                pass
+            hang_up(self.lmtp, polite=False)
             self.lmtp = None
 
     def close(self):
         if self.lmtp is not None:
-            try:
-                self.lmtp.quit()
-            except (OSError, smtplib.SMTPException):
-                pass
-        self.drop()
+            hang_up(self.lmtp)
+            self.lmtp = None

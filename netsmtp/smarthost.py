@@ -322,7 +322,7 @@ class SmarthostDelivery(Delivery):
         if chunking:
             self.data_started = True
             with envelope.open() as message:
-                reply = self.send_chunks(smtp, message)
+                reply = send_chunks(smtp, message, self.reply_of) or self.reply_of(smtp)
             if not 200 <= reply.code < 300:
                 self.reset(smtp)
             results.update(dict.fromkeys(accepted, reply))
@@ -339,27 +339,6 @@ class SmarthostDelivery(Delivery):
         reply = self.reply_of(smtp)
         results.update(dict.fromkeys(accepted, reply))
 
-    def send_chunks(self, smtp, message):
-        """The message as BDAT chunks (RFC 3030), streamed from the spool; the final reply.
-
-        No dot-stuffing and no end marker: each chunk says its size.  Each
-        is answered before the next goes, so replies never pile up; the
-        first that is not 2xx ends the message with that reply.  A message
-        that does not end in CRLF gets one, as with DATA.
-        """
-        chunk = message.read(BDAT_CHUNK)
-        while True:
-            following = message.read(BDAT_CHUNK)
-            last = not following
-            if last and not chunk.endswith(b"\r\n"):
-                chunk += b"\r\n"
-            smtp.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b""))
-            smtp.send(chunk)
-            reply = self.reply_of(smtp)
-            if last or not 200 <= reply.code < 300:
-                return reply
-            chunk = following
-
     def command(self, smtp, line):
         smtp.send(line)
         return self.reply_of(smtp)
@@ -373,19 +352,52 @@ class SmarthostDelivery(Delivery):
 
     def drop(self):
         if self.smtp is not None:
-            try:
-                self.smtp.close()
-            except OSError:
-                pass
+            hang_up(self.smtp, polite=False)
             self.smtp = None
 
     def close(self):
         if self.smtp is not None:
-            try:
-                self.smtp.quit()
-            except (OSError, smtplib.SMTPException):
-                pass
-        self.drop()
+            hang_up(self.smtp)
+            self.smtp = None
+
+
+def hang_up(client, polite=True):
+    """Close an smtplib client whatever its connection's state; QUIT first when polite."""
+    if polite:
+        try:
+            client.quit()
+        except (OSError, smtplib.SMTPException):
+            pass
+    try:
+        client.close()
+    except OSError:
+        pass
+
+
+def send_chunks(client, message, reply_of):
+    """Stream message as BDAT chunks (RFC 3030); a refusal of a chunk, or None after LAST.
+
+    No dot-stuffing and no end marker: each chunk says its size.  Each
+    chunk but the last is answered (reply_of(client)) before the next goes,
+    so replies never pile up; the first that is not 2xx ends the message.
+    The reply to LAST is the caller's to read: one for SMTP, one per
+    recipient for LMTP (RFC 2033 section 4.3).  A message that does not
+    end in CRLF gets one, as with DATA.
+    """
+    chunk = message.read(BDAT_CHUNK)
+    while True:
+        following = message.read(BDAT_CHUNK)
+        last = not following
+        if last and not chunk.endswith(b"\r\n"):
+            chunk += b"\r\n"
+        client.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b""))
+        client.send(chunk)
+        if last:
+            return None
+        reply = reply_of(client)
+        if not 200 <= reply.code < 300:
+            return reply
+        chunk = following
 
 
 def send_data(smtp, message):
